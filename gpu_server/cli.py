@@ -1,0 +1,44 @@
+"""gpu-server: hold a Llama model's weights on a device and answer tee-client's linear ops."""
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from gpu_server.checkpoint import CheckpointError
+from gpu_server.server import EndpointBusy, Server
+from gpu_server.settings import ServerSettings
+from protocol.endpoints import default_endpoint
+from protocol.errors import describe
+
+EPILOG = f"""
+Each flag can also come from the environment: LLAMA_MODEL_PATH, LLAMA_GPU_ENDPOINT,
+LLAMA_GPU_DEVICE, LLAMA_DTYPE, LLAMA_MAX_MESSAGE_MB, LLAMA_MAX_RESULT_MB; a flag wins.
+The default endpoint is {default_endpoint()}, in a folder only you can enter.
+The server prints one line containing 'ready' once it answers; SIGINT or SIGTERM stop it
+after the request in hand.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu-server", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", dest="model_path", metavar="PATH",
+                   help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL", help="ipc:///path or tcp://host:port")
+    p.add_argument("--device", dest="gpu_device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and wire dtype (default float32)")
+    p.add_argument("--max-message-mb", type=float, help="drop inbound messages larger than this (default 1024)")
+    p.add_argument("--max-result-mb", type=float, help="refuse requests whose result is larger (default 2048)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        Server(ServerSettings.from_args(args)).run()
+    except (CheckpointError, EndpointBusy, ValueError, OSError, ValidationError) as e:
+        print(f"gpu-server: error: {describe(e)}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,108 @@
+"""gpu-server's lifecycle: run -> startup / main loop / shutdown.
+
+startup    check the endpoint is free, load the model, bind, print one `ready` line
+main loop  poll (so signals are seen within 100 ms), answer one request at a time
+shutdown   finish the request in hand, close the socket, remove the ipc socket file
+"""
+
+import os
+import signal
+import sys
+
+import zmq
+
+from gpu_server.checkpoint import load_checkpoint
+from gpu_server.engine import Engine
+from gpu_server.handler import Handler
+from gpu_server.settings import ServerSettings
+from protocol.endpoints import Endpoint, make_private_dir, probe_ipc, runtime_dir
+from protocol.wire import TORCH_DTYPES
+
+POLL_MS = 100
+
+
+class EndpointBusy(Exception):
+    """Another live server already listens on the endpoint."""
+
+
+class Server:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.endpoint = Endpoint.parse(settings.gpu_endpoint)
+        self.should_exit = False
+        self.socket = None
+
+    def run(self) -> None:
+        self.install_signal_handlers()
+        try:
+            self.startup()
+            self.main_loop()
+        finally:
+            self.shutdown()
+
+    def startup(self) -> None:
+        self.claim_endpoint()
+        s = self.settings
+        ckpt = load_checkpoint(s.model_path, TORCH_DTYPES[s.dtype], s.device)
+        self.handler = Handler(Engine(ckpt, s.max_result_bytes))
+        self.socket = self.bind()
+        print(f"gpu-server ready on {self.endpoint.url} (model {ckpt.name}, device {s.device}, dtype {s.dtype})", flush=True)
+
+    def main_loop(self) -> None:
+        while not self.should_exit:
+            if self.socket.poll(POLL_MS, zmq.POLLIN):
+                frames = self.socket.recv_multipart(copy=False)
+                self.socket.send_multipart(self.handler.handle(frames), copy=False)
+
+    def shutdown(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            if self.endpoint.transport == "ipc" and probe_ipc(self.endpoint.path) != "missing":
+                os.unlink(self.endpoint.path)
+            print("gpu-server stopped", flush=True)
+
+    # ---- endpoint ---------------------------------------------------------------------------
+
+    def claim_endpoint(self) -> None:
+        """Fail early, before the model loads, if a live server holds the endpoint."""
+        if self.endpoint.transport != "ipc":
+            return
+        path = self.endpoint.path
+        parent = os.path.dirname(path)
+        if os.path.abspath(parent) == str(runtime_dir()):
+            make_private_dir(runtime_dir())
+        elif not os.path.isdir(parent):
+            raise FileNotFoundError(f"folder {parent} for the ipc socket does not exist")
+        state = probe_ipc(path)
+        if state == "live":
+            raise EndpointBusy(f"another server is already listening on {self.endpoint.url}")
+        if state == "not-a-socket":
+            raise EndpointBusy(f"{path} exists and is not a socket; choose another --endpoint")
+        if state == "stale":
+            print(f"gpu-server: removing stale socket file {path} (no server behind it)", flush=True)
+            os.unlink(path)
+
+    def bind(self) -> zmq.Socket:
+        socket = zmq.Context.instance().socket(zmq.REP)
+        socket.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
+        socket.setsockopt(zmq.LINGER, 0)
+        if self.endpoint.transport == "tcp" and not self.endpoint.is_loopback:
+            print(f"gpu-server: WARNING: {self.endpoint.url} is not loopback and traffic is not encrypted", file=sys.stderr, flush=True)
+        old_umask = os.umask(0o177)  # the ipc socket file is created 0600
+        try:
+            socket.bind(self.endpoint.url)
+        except zmq.ZMQError as e:
+            socket.close(linger=0)
+            raise EndpointBusy(f"cannot bind {self.endpoint.url}: {e}") from None
+        finally:
+            os.umask(old_umask)
+        return socket
+
+    # ---- signals ----------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle_exit)
+
+    def handle_exit(self, sig, frame) -> None:
+        self.should_exit = True

@@ -1,0 +1,1 @@
+"""tee-client: the trusted side of TSQP."""

@@ -1,0 +1,5 @@
+import sys
+
+from tee_client.cli import main
+
+sys.exit(main())

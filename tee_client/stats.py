@@ -1,0 +1,121 @@
+"""Where a prefill's time and bytes went.
+
+Ops backends record one `Call` per linear op (RPC or in-process); the model's trusted-side
+functions are wrapped in `tee_op`, which counts and times them while a `Stats` is recording.
+Everything is measured with perf_counter_ns; recording costs about a microsecond per op.
+"""
+
+import contextvars
+import functools
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_active: contextvars.ContextVar["Stats | None"] = contextvars.ContextVar("tsqp_stats", default=None)
+
+
+@dataclass
+class Call:
+    """One op call. transfer = moving and (de)serializing data; compute = the linear math."""
+
+    bytes_sent: int
+    bytes_received: int
+    wall_ns: int
+    transfer_ns: int
+    compute_ns: int
+    serialize_ns: int = 0
+    deserialize_ns: int = 0
+    server_decode_ns: int = 0
+    server_encode_ns: int = 0
+
+
+@dataclass
+class MethodStats:
+    calls: list[Call] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        rtt = np.array([c.wall_ns for c in self.calls]) / 1e6
+        total = lambda attr: sum(getattr(c, attr) for c in self.calls) / 1e6  # noqa: E731
+        wire = total("wall_ns") - total("serialize_ns") - total("deserialize_ns") - total("compute_ns") \
+            - total("server_decode_ns") - total("server_encode_ns")
+        return {
+            "calls": len(self.calls),
+            "bytes_sent": sum(c.bytes_sent for c in self.calls),
+            "bytes_received": sum(c.bytes_received for c in self.calls),
+            "rtt_ms": {"mean": rtt.mean(), "p50": np.percentile(rtt, 50), "p99": np.percentile(rtt, 99), "total": rtt.sum()},
+            "serialize_ms": total("serialize_ns"),
+            "deserialize_ms": total("deserialize_ns"),
+            "server_decode_ms": total("server_decode_ns"),
+            "server_compute_ms": total("compute_ns"),
+            "server_encode_ms": total("server_encode_ns"),
+            "wire_and_queue_ms": wire,
+        }
+
+
+@dataclass
+class Stats:
+    methods: dict[str, MethodStats] = field(default_factory=lambda: defaultdict(MethodStats))
+    tee_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tee_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, method: str, call: Call) -> None:
+        self.methods[method].calls.append(call)
+
+    @contextmanager
+    def recording(self):
+        token = _active.set(self)
+        try:
+            yield self
+        finally:
+            _active.reset(token)
+
+    def summary(self, total_ns: int, exclude: tuple[str, ...] = ("Init", "Ping")) -> dict:
+        """The result-JSON sections: rpc, timing, timing_percentage, data_transfer, operation_counts."""
+        rpc = {m: s.summary() for m, s in self.methods.items() if s.calls}
+        forward = [c for m, s in self.methods.items() if m not in exclude for c in s.calls]
+        timing = {
+            "total_ms": total_ns / 1e6,
+            "transfer_ms": sum(c.transfer_ns for c in forward) / 1e6,
+            "gpu_compute_ms": sum(c.compute_ns for c in forward) / 1e6,
+            "tee_compute_ms": sum(self.tee_ns.values()) / 1e6,
+        }
+        timing["other_ms"] = timing["total_ms"] - timing["transfer_ms"] - timing["gpu_compute_ms"] - timing["tee_compute_ms"]
+        to_gpu, to_cpu = sum(c.bytes_sent for c in forward), sum(c.bytes_received for c in forward)
+        return {
+            "rpc": rpc,
+            "timing": timing,
+            "timing_percentage": {k.removesuffix("_ms"): 100 * v / max(timing["total_ms"], 1e-9)
+                                  for k, v in timing.items() if k != "total_ms"},
+            "data_transfer": {"to_gpu_mb": to_gpu / 1e6, "to_cpu_mb": to_cpu / 1e6, "total_mb": (to_gpu + to_cpu) / 1e6},
+            "operation_counts": {
+                "gpu": {m: len(s.calls) for m, s in self.methods.items() if m not in exclude and s.calls},
+                "tee": dict(self.tee_counts),
+            },
+        }
+
+
+def tee_op(name: str):
+    """Count and time a trusted-side function while a Stats is recording."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            stats = _active.get()
+            if stats is None:
+                return fn(*args, **kwargs)
+            t0 = time.perf_counter_ns()
+            out = fn(*args, **kwargs)
+            stats.tee_ns[name] += time.perf_counter_ns() - t0
+            stats.tee_counts[name] += 1
+            return out
+
+        return timed
+
+    return wrap
+
+
+def current() -> "Stats | None":
+    return _active.get()
