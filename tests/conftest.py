@@ -1,0 +1,71 @@
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from checkpoints import make_checkpoint
+from gpu_server.launch import ServerProcess
+from tee_client.cli import main as tee_client
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """checkpoints(variant) -> folder of a tiny random Llama checkpoint, built once per session."""
+    root, built = tmp_path_factory.mktemp("ckpt"), {}
+
+    def get(variant: str = "gqa") -> Path:
+        if variant not in built:
+            built[variant] = make_checkpoint(root / variant, variant)
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture
+def ipc_dir():
+    """A short folder for ipc sockets (Unix socket paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="tsqp-t-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def start_server(ipc_dir):
+    """start_server(*args) -> a ready gpu-server process on a fresh ipc endpoint; stopped after."""
+    servers = []
+
+    def start(*args, name="s.ipc", env=None) -> ServerProcess:
+        server = ServerProcess(f"ipc://{ipc_dir / name}", "--device", "cpu", *args, env=env).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def run_prefill_cli(endpoint: str, out_dir: Path, prompts: list[str], length: int, batch: int, *extra: str):
+    """tee-client prefill through its CLI; returns (result dict, npz arrays)."""
+    result, logits = out_dir / "result.json", out_dir / "logits.npz"
+    args = ["prefill", "--endpoint", endpoint, "--length", str(length), "--batch-size", str(batch),
+            "--output", str(result), "--save-logits", str(logits), "--warmup", "0", *extra]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert tee_client(args) == 0
+    return json.loads(result.read_text()), dict(np.load(logits))
+
+
+def reference_logits(folder: Path, input_ids: np.ndarray, attention_mask: np.ndarray, dtype=torch.float32) -> np.ndarray:
+    """transformers' own LlamaForCausalLM forward on the same ids."""
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask))
+    return out.logits.float().numpy()
+
+
+def reference_tokens(folder: Path, prompts: list[str]) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return [tokenizer(p)["input_ids"] for p in prompts]
