@@ -23,7 +23,8 @@ class ServerProcess:
     def start(self, timeout: float = 300.0) -> "ServerProcess":
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
         ready = threading.Event()
-        threading.Thread(target=self.drain, args=(ready,), daemon=True).start()
+        self.reader = threading.Thread(target=self.drain, args=(ready,), daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + timeout
         while not ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -48,6 +49,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self.reader.join(timeout)
+        self.proc.stdout.close()
         return self.proc.returncode
 
     @property
