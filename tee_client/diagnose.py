@@ -1,0 +1,153 @@
+"""diagnose-transport: is it IPC? does a server answer? how slow is a call, and why?
+
+Measures, at the endpoint: the socket file (ipc), who answers (model, protocol version), the
+round trip of an empty call and of Echo payloads through the service's own protocol; beside
+them, on this host, a raw pyzmq REQ/REP ping-pong on the same transport, the other transport
+for comparison, and memcpy bandwidth. Ends with plain findings. Exit 1 when nothing answers.
+"""
+
+import argparse
+import json
+import os
+import stat
+import sys
+import tempfile
+
+from protocol.endpoints import Endpoint, default_endpoint, probe_ipc
+from protocol.errors import RemoteError, ServerUnavailable, describe
+from tee_client import probe
+from tee_client.rpc import RpcClient
+
+TRANSPORT_NOTES = {
+    "ipc": "ipc: a Unix-domain socket, this host only, no TCP stack: the fast path for one host",
+    "tcp-loopback": "tcp on loopback: same host through the TCP stack; an ipc:// endpoint avoids it",
+    "tcp-remote": "tcp to another host: bounded by the network; use CURVE, the tensors are otherwise in the clear",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="diagnose-transport", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoint", default=os.environ.get("LLAMA_GPU_ENDPOINT") or default_endpoint(),
+                   help="the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else the default ipc endpoint)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
+    p.add_argument("--max-size-mb", type=float, default=64, help="largest payload to time (default 64 MiB)")
+    return p.parse_args(argv)
+
+
+def diagnose(url: str, timeout_s: float = 5.0, max_size: int = 64 * probe.MiB) -> dict:
+    ep = Endpoint.parse(url)
+    kind = "ipc" if ep.transport == "ipc" else ("tcp-loopback" if ep.is_loopback else "tcp-remote")
+    report = {"endpoint": url, "transport": kind, "transport_note": TRANSPORT_NOTES[kind], "findings": []}
+    if ep.transport == "ipc":
+        report["socket_file"] = socket_file(ep.path)
+    sizes = [s for s in probe.SIZES if s <= max_size]
+    report["server"], report["protocol"] = server_side(url, timeout_s, sizes, report["findings"])
+    report["raw"] = raw_side(ep.transport, sizes)
+    report["raw_other_transport"] = raw_side("tcp" if ep.transport == "ipc" else "ipc", [0, probe.MiB])
+    report["memcpy"] = probe.memcpy_bandwidth(min(max(max_size, probe.MiB), 64 * probe.MiB))
+    report["findings"] += findings(report)
+    report["ok"] = report["server"] is not None
+    return report
+
+
+def socket_file(path: str) -> dict:
+    state = probe_ipc(path)
+    info = {"path": path, "state": state}
+    if state != "missing":
+        info["mode"] = oct(stat.S_IMODE(os.stat(path).st_mode))
+        info["folder_mode"] = oct(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode))
+    return info
+
+
+def server_side(url: str, timeout_s: float, sizes: list[int], notes: list[str]):
+    try:
+        with RpcClient(url, timeout_s=timeout_s, retries=0) as rpc:
+            server = rpc.call("Ping")[0]
+            return server, [{"size": s, **probe.time_protocol(rpc, s)} for s in sizes]
+    except ServerUnavailable as e:
+        notes.append(f"nothing answers: {e}")
+    except RemoteError as e:
+        notes.append(f"a server answers but refuses the protocol ({e}); client and server versions differ")
+    return None, []
+
+
+def raw_side(transport: str, sizes: list[int]) -> dict:
+    with tempfile.TemporaryDirectory(prefix="tsqp-diag-") as tmp:
+        url = f"ipc://{tmp}/raw.ipc" if transport == "ipc" else "tcp://127.0.0.1:0"
+        with probe.raw_echo_server(url) as bound:
+            return {"transport": transport, "sizes": [{"size": s, **probe.spread(probe.time_raw(bound, s))} for s in sizes]}
+
+
+def findings(r: dict) -> list[str]:
+    out = []
+    sock = r.get("socket_file", {})
+    if sock.get("state") == "stale":
+        out.append(f"stale socket file {sock['path']}: a server died without cleaning up; starting gpu-server removes it")
+    elif sock.get("state") == "missing":
+        out.append(f"no socket file at {sock['path']}: start gpu-server with --endpoint {r['endpoint']}")
+    elif sock.get("state") == "live" and sock.get("mode") not in ("0o600", None):
+        out.append(f"socket file mode is {sock['mode']}: other local users may connect; expected 0o600")
+    raw, other = r["raw"]["sizes"], r["raw_other_transport"]["sizes"]
+    ratio = other[0]["median_ms"] / raw[0]["median_ms"]
+    if r["transport"] == "ipc":
+        out.append(f"ipc here answers an empty message {ratio:.1f}x faster than tcp loopback")
+    else:
+        out.append(f"{'TCP on loopback' if r['transport'] == 'tcp-loopback' else 'TCP'}: an ipc:// endpoint "
+                   f"answers an empty message {1 / ratio:.1f}x faster on this host" + (
+                       "" if r["transport"] == "tcp-loopback" else " (when client and server share it)"))
+    if r["protocol"]:
+        empty, largest = r["protocol"][0], r["protocol"][-1]
+        out.append(f"an empty call takes {empty['median_ms'] * 1000:.0f} us through the protocol, "
+                   f"{raw[0]['median_ms'] * 1000:.0f} us as raw zmq: the protocol adds "
+                   f"{(empty['median_ms'] - raw[0]['median_ms']) * 1000:.0f} us per call")
+        bw = probe.gbps(largest["size"], largest["median_ms"] / 1e3)
+        out.append(f"{largest['size'] / probe.MiB:g} MiB each way moves at {bw:.2f} GB/s; serialization is "
+                   f"{largest['serialization_pct']:.0f}% of that round trip; memcpy runs at "
+                   f"{r['memcpy']['reused_gbps']:.1f} GB/s into reused memory")
+        if empty["median_ms"] > 5:
+            out.append("an empty call over 5 ms: the server is busy, far away, or the host is overloaded")
+    return out
+
+
+def render(r: dict) -> str:
+    lines = [f"endpoint   {r['endpoint']}", f"transport  {r['transport_note']}"]
+    if "socket_file" in r:
+        s = r["socket_file"]
+        lines.append(f"socket     {s['state']}" + (f", mode {s['mode']}, folder {s['folder_mode']}" if "mode" in s else ""))
+    srv = r["server"]
+    lines.append("server     " + (f"{srv['model']}, protocol {srv['protocol']}, device {srv['device']}, dtype {srv['dtype']}, "
+                                  f"fingerprint {srv['fingerprint'][:12]}" if srv else "no answer"))
+    raw = {row["size"]: row for row in r["raw"]["sizes"]}
+    lines.append(f"\n{'payload':>10} {'protocol p50 ms':>16} {'p99 ms':>9} {'GB/s':>7} {'serial. %':>10}"
+                 f" {'raw ' + r['raw']['transport'] + ' p50 ms':>16} {'GB/s':>7}")
+    for row in r["protocol"] or [{"size": s} for s in raw]:
+        size, rw = row["size"], raw[row["size"]]
+        proto = (f"{row['median_ms']:>16.3f} {row['p99_ms']:>9.3f} {probe.gbps(size, row['median_ms'] / 1e3):>7.2f}"
+                 f" {row['serialization_pct']:>10.1f}" if "median_ms" in row else f"{'-':>16} {'-':>9} {'-':>7} {'-':>10}")
+        lines.append(f"{human(size):>10} {proto} {rw['median_ms']:>16.3f} {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}")
+    m = r["memcpy"]
+    lines.append(f"\nmemcpy     {m['reused_gbps']:.1f} GB/s into reused memory, {m['fresh_gbps']:.1f} GB/s into fresh buffers")
+    lines.append("findings")
+    lines += [f"  - {f}" for f in r["findings"]]
+    return "\n".join(lines)
+
+
+def human(n: int) -> str:
+    return f"{n} B" if n < probe.KiB else (f"{n // probe.KiB} KiB" if n < probe.MiB else f"{n // probe.MiB} MiB")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = diagnose(args.endpoint, args.timeout, int(args.max_size_mb * probe.MiB))
+    except (ValueError, OSError) as e:
+        print(f"diagnose-transport: error: {describe(e)}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

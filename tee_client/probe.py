@@ -1,0 +1,130 @@
+"""Transport measurements shared by `diagnose-transport` and `benchmarks/transport.py`.
+
+Three layers, measured the same way (after warm-up, many repetitions, medians and p99):
+  raw       a plain pyzmq REQ/REP byte ping-pong: what the transport itself costs
+  protocol  the service's own Echo call: header, validation, tensor frames, both ways
+  memcpy    copying the same bytes in memory: the floor any transport is compared with
+"""
+
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import zmq
+
+from tee_client.rpc import RpcClient
+from tee_client.stats import Stats
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = [0, KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB]
+
+
+def repetitions(size: int, budget_bytes: int = 256 * MiB, low: int = 5, high: int = 300) -> int:
+    """Enough round trips for a stable median, bounded by the bytes they move."""
+    return max(low, min(high, budget_bytes // max(size, 1)))
+
+
+def spread(samples_ns) -> dict:
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
+            "min_ms": float(ms.min()), "n": int(ms.size)}
+
+
+def gbps(size: int, seconds: float, ways: int = 2) -> float:
+    return ways * size / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# ---- raw pyzmq ---------------------------------------------------------------------------
+
+
+@contextmanager
+def raw_echo_server(url: str):
+    """A REP socket on `url` echoing every message, in a thread, for the raw baseline."""
+    ctx = zmq.Context.instance()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    port = rep.bind_to_random_port(url.rsplit(":", 1)[0]) if url.endswith(":0") else None
+    if port is None:
+        rep.bind(url)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            if rep.poll(50):
+                rep.send_multipart(rep.recv_multipart(copy=False), copy=False)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield url if port is None else f"{url.rsplit(':', 1)[0]}:{port}"
+    finally:
+        stop.set()
+        thread.join()
+        rep.close(linger=0)
+
+
+def time_raw(url: str, size: int, warmup: int = 3, timeout_ms: int = 30000) -> list[int]:
+    payload = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(url)
+    samples = []
+    try:
+        for i in range(warmup + repetitions(size)):
+            t0 = time.perf_counter_ns()
+            req.send(payload, copy=size < 64 * KiB)
+            if not req.poll(timeout_ms):
+                raise TimeoutError(f"raw echo at {url} did not answer")
+            req.recv(copy=False)
+            if i >= warmup:
+                samples.append(time.perf_counter_ns() - t0)
+    finally:
+        req.close(linger=0)
+    return samples
+
+
+# ---- the service's own protocol --------------------------------------------------------------
+
+
+def time_protocol(rpc: RpcClient, size: int, warmup: int = 3) -> dict:
+    """Echo round trips of one `size`-byte tensor (none for size 0: a bare call)."""
+    tensors = [torch.randn(size // 4)] if size else []
+    for _ in range(warmup):
+        rpc.call("Echo", {}, tensors)
+    stats = Stats()
+    with stats.recording():
+        for _ in range(repetitions(size)):
+            rpc.call("Echo", {}, tensors)
+    calls = stats.methods["Echo"].calls
+    rtt = spread([c.wall_ns for c in calls])
+    median = lambda attr: float(np.median([getattr(c, attr) for c in calls])) / 1e6  # noqa: E731
+    rtt.update({
+        "client_serialize_ms": median("serialize_ns"), "client_deserialize_ms": median("deserialize_ns"),
+        "server_decode_ms": median("server_decode_ns"), "server_encode_ms": median("server_encode_ns"),
+        "bytes_per_call": calls[0].bytes_sent + calls[0].bytes_received,
+    })
+    codec = rtt["client_serialize_ms"] + rtt["client_deserialize_ms"] + rtt["server_decode_ms"] + rtt["server_encode_ms"]
+    rtt["serialization_pct"] = 100 * codec / rtt["median_ms"] if rtt["median_ms"] else 0.0
+    return rtt
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+
+def memcpy_bandwidth(size: int = 64 * MiB, repeat: int = 10) -> dict:
+    """GB/s copying `size` bytes into reused memory, and into a fresh buffer each time."""
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    reused, fresh = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        reused.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        src.copy()
+        fresh.append(time.perf_counter() - t0)
+    return {"size_bytes": size, "reused_gbps": gbps(size, float(np.median(reused)), ways=1),
+            "fresh_gbps": gbps(size, float(np.median(fresh)), ways=1)}
