@@ -90,13 +90,14 @@ def findings(r: dict) -> list[str]:
     elif sock.get("state") == "live" and sock.get("mode") not in ("0o600", None):
         out.append(f"socket file mode is {sock['mode']}: other local users may connect; expected 0o600")
     raw, other = r["raw"]["sizes"], r["raw_other_transport"]["sizes"]
-    ratio = other[0]["median_ms"] / raw[0]["median_ms"]
-    if r["transport"] == "ipc":
-        out.append(f"ipc here answers an empty message {ratio:.1f}x faster than tcp loopback")
+    ipc_us, tcp_us = (raw[0]["median_ms"] * 1000, other[0]["median_ms"] * 1000)[:: 1 if r["transport"] == "ipc" else -1]
+    compare = f"an empty raw round trip takes {ipc_us:.0f} us over ipc, {tcp_us:.0f} us over tcp loopback on this host"
+    if r["transport"] == "tcp-loopback" and tcp_us > ipc_us:
+        out.append(f"TCP on loopback: an ipc:// endpoint is {tcp_us / ipc_us:.1f}x faster here ({compare})")
+    elif r["transport"] == "tcp-remote":
+        out.append(f"TCP to another host; for reference, {compare}")
     else:
-        out.append(f"{'TCP on loopback' if r['transport'] == 'tcp-loopback' else 'TCP'}: an ipc:// endpoint "
-                   f"answers an empty message {1 / ratio:.1f}x faster on this host" + (
-                       "" if r["transport"] == "tcp-loopback" else " (when client and server share it)"))
+        out.append(compare[0].upper() + compare[1:])
     if r["protocol"]:
         empty, largest = r["protocol"][0], r["protocol"][-1]
         out.append(f"an empty call takes {empty['median_ms'] * 1000:.0f} us through the protocol, "

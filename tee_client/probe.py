@@ -6,7 +6,10 @@ Three layers, measured the same way (after warm-up, many repetitions, medians an
   memcpy    copying the same bytes in memory: the floor any transport is compared with
 """
 
-import threading
+import os
+import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -39,30 +42,31 @@ def gbps(size: int, seconds: float, ways: int = 2) -> float:
 # ---- raw pyzmq ---------------------------------------------------------------------------
 
 
+RAW_ECHO = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.REP)
+sock.setsockopt(zmq.LINGER, 0)
+url = sys.argv[1]
+if url.endswith(":0"):
+    url = f"{url[:-2]}:{sock.bind_to_random_port(url[:-2])}"
+else:
+    sock.bind(url)
+print(url, flush=True)
+while True:
+    sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+"""
+
+
 @contextmanager
 def raw_echo_server(url: str):
-    """A REP socket on `url` echoing every message, in a thread, for the raw baseline."""
-    ctx = zmq.Context.instance()
-    rep = ctx.socket(zmq.REP)
-    rep.setsockopt(zmq.LINGER, 0)
-    port = rep.bind_to_random_port(url.rsplit(":", 1)[0]) if url.endswith(":0") else None
-    if port is None:
-        rep.bind(url)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            if rep.poll(50):
-                rep.send_multipart(rep.recv_multipart(copy=False), copy=False)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    """A plain pyzmq REP echo in its own process (zmq only, no protocol); yields the bound url."""
+    proc = subprocess.Popen([sys.executable, "-c", RAW_ECHO, url], stdout=subprocess.PIPE, text=True)
     try:
-        yield url if port is None else f"{url.rsplit(':', 1)[0]}:{port}"
+        yield proc.stdout.readline().strip()
     finally:
-        stop.set()
-        thread.join()
-        rep.close(linger=0)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait()
+        proc.stdout.close()
 
 
 def time_raw(url: str, size: int, warmup: int = 3, timeout_ms: int = 30000) -> list[int]:

@@ -1,0 +1,83 @@
+"""IPC vs TCP: round trip and throughput from 0 B to 64 MiB, raw pyzmq beside the service protocol.
+
+Four lines on one log-log plot: {ipc, tcp://127.0.0.1} x {raw REQ/REP echo, protocol Echo}.
+Both layers cross a process boundary: raw into a zmq-only echo process, protocol into a real
+gpu-server. Each size is timed after 3 warm-up round trips, over enough repetitions (5 to 300,
+bounded by the bytes moved); medians and p99 are reported.
+"""
+
+import socket
+import sys
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
+from gpu_server.launch import ServerProcess  # noqa: E402
+from tee_client import probe  # noqa: E402
+from tee_client.diagnose import human  # noqa: E402
+from tee_client.rpc import RpcClient  # noqa: E402
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(tmp: str, sizes: list[int]) -> dict:
+    urls = {"ipc": (f"ipc://{tmp}/proto.ipc", f"ipc://{tmp}/raw.ipc"), "tcp": (f"tcp://127.0.0.1:{free_tcp_port()}", "tcp://127.0.0.1:0")}
+    series = {}
+    for transport, (proto_url, raw_url) in urls.items():
+        with probe.raw_echo_server(raw_url) as bound:
+            series[f"{transport} raw"] = [{"size": s, **probe.spread(probe.time_raw(bound, s))} for s in sizes]
+        with ServerProcess(proto_url, "--device", "cpu"), RpcClient(proto_url, timeout_s=60) as rpc:
+            series[f"{transport} protocol"] = [{"size": s, **probe.time_protocol(rpc, s)} for s in sizes]
+    return series
+
+
+def plot(series: dict, path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in series.items():
+        rows = [r for r in rows if r["size"] > 0]
+        ax.plot([r["size"] for r in rows], [r["median_ms"] for r in rows], marker="o", ms=3,
+                linestyle="-" if "protocol" in name else "--", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="payload each way (bytes)", ylabel="round trip, median (ms)",
+           title="Round trip vs payload: ipc vs tcp loopback, raw zmq vs TSQP protocol")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(series: dict) -> str:
+    names = list(series)
+    header = ["payload"] + [f"{n} p50 ms (p99)" for n in names] + ["ipc protocol GB/s", "tcp protocol GB/s"]
+    rows = []
+    for i, size in enumerate(r["size"] for r in series[names[0]]):
+        row = [human(size)] + [f"{series[n][i]['median_ms']:.3f} ({series[n][i]['p99_ms']:.3f})" for n in names]
+        row += [f"{probe.gbps(size, series[n][i]['median_ms'] / 1e3):.2f}" for n in ("ipc protocol", "tcp protocol")]
+        rows.append(row)
+    return markdown_table(header, rows)
+
+
+def main() -> int:
+    sizes = probe.SIZES
+    with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp:
+        series = measure(tmp, sizes)
+    memcpy = probe.memcpy_bandwidth()
+    path = write_json("transport", {"series": series, "memcpy": memcpy})
+    plot(series, png_path("transport"))
+    m = machine()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
+    print(table(series))
+    print(f"\nmemcpy: {memcpy['reused_gbps']:.1f} GB/s into reused memory, {memcpy['fresh_gbps']:.1f} GB/s into fresh buffers")
+    print(f"wrote {path} and {png_path('transport')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

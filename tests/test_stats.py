@@ -1,0 +1,125 @@
+"""Per-call stats and the time breakdown agree with what crossed; diagnose-transport tells the truth."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from conftest import run_prefill_cli
+
+BIN = Path(sys.executable).parent
+HEADER_MAX = 400  # bytes of msgpack header per message, generously
+
+
+def expected_tensor_bytes(c, bsz: int, seqlen: int) -> dict[str, tuple[int, int]]:
+    """(sent, received) tensor bytes per method for one float32 forward, from the config alone."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    tokens, hidden, inter = bsz * seqlen, c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    per_layer_linear = (tokens * (hidden + q + hidden + inter),  # x for qkv, attn out for o, x for gate/up, h for down
+                        tokens * (q + 2 * kv + hidden + 2 * inter + hidden))
+    scores = bsz * c.num_attention_heads * seqlen * seqlen
+    per_layer_matmul = (tokens * (q + kv) + scores + tokens * kv,  # q, k; probs, v
+                        scores + tokens * q)
+    layers = c.num_hidden_layers
+    return {
+        "Embedding": (tokens * 8, tokens * hidden * 4),
+        "Linear": (4 * layers * per_layer_linear[0], 4 * layers * per_layer_linear[1]),
+        "Matmul": (4 * layers * per_layer_matmul[0], 4 * layers * per_layer_matmul[1]),
+        "LMHead": (tokens * hidden * 4, tokens * c.vocab_size * 4),
+    }
+
+
+def test_stats_match_what_crossed(checkpoints, start_server, tmp_path):
+    folder = checkpoints("gqa")
+    config = AutoConfig.from_pretrained(folder)
+    server = start_server("--model", str(folder))
+    bsz, seqlen, layers = 2, 40, config.num_hidden_layers
+    result, _ = run_prefill_cli(server.endpoint, tmp_path, ["The capital of France is", "Rotary"], seqlen, bsz)
+    rpc = result["rpc"]
+
+    calls = {"Embedding": 1, "Linear": 4 * layers, "Matmul": 2 * layers, "LMHead": 1}
+    assert {m: rpc[m]["calls"] for m in calls} == calls
+    assert rpc["Init"]["calls"] == 1
+    for method, (sent, received) in expected_tensor_bytes(config, bsz, seqlen).items():
+        overhead = HEADER_MAX * calls[method]
+        assert sent <= rpc[method]["bytes_sent"] <= sent + overhead, method
+        assert received <= rpc[method]["bytes_received"] <= received + overhead, method
+
+    data = result["data_transfer"]
+    assert round(data["to_gpu_mb"] * 1e6) == sum(rpc[m]["bytes_sent"] for m in calls)
+    assert round(data["to_cpu_mb"] * 1e6) == sum(rpc[m]["bytes_received"] for m in calls)
+    assert result["operation_counts"]["gpu"] == calls
+    assert result["operation_counts"]["tee"] == {"rope_tables": 1, "mask": 1, "rmsnorm": 2 * layers + 1,
+                                                 "rope": 2 * layers, "softmax": layers, "silu": layers,
+                                                 "residual": 2 * layers}
+
+    for m in calls:
+        r = rpc[m]
+        assert 0 < r["rtt_ms"]["p50"] <= r["rtt_ms"]["p99"] <= r["rtt_ms"]["total"] + 1e-9
+        assert abs(r["rtt_ms"]["mean"] * r["calls"] - r["rtt_ms"]["total"]) < 1e-6 * r["rtt_ms"]["total"] + 1e-9
+        parts = r["serialize_ms"] + r["deserialize_ms"] + r["server_decode_ms"] + r["server_compute_ms"] + r["server_encode_ms"]
+        assert parts <= r["rtt_ms"]["total"] and r["wire_and_queue_ms"] >= 0
+
+    t = result["timing"]
+    assert abs(t["total_ms"] - result["time_seconds"] * 1000) < 1e-6
+    assert abs(t["gpu_compute_ms"] - sum(rpc[m]["server_compute_ms"] for m in calls)) < 1e-6
+    assert abs(t["transfer_ms"] + t["gpu_compute_ms"] - sum(rpc[m]["rtt_ms"]["total"] for m in calls)) < 1e-3
+    measured = t["transfer_ms"] + t["gpu_compute_ms"] + t["tee_compute_ms"]
+    assert 0.85 * t["total_ms"] <= measured <= t["total_ms"], t  # separately measured parts cover the total
+    assert abs(sum(result["timing_percentage"].values()) - 100) < 1e-6
+
+
+def diagnose(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "diagnose-transport", "--max-size-mb", "1", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_diagnose_against_a_live_server(checkpoints, start_server):
+    server = start_server("--model", str(checkpoints("gqa")))
+    run = diagnose("--endpoint", server.endpoint, "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["transport"] == "ipc" and report["socket_file"]["state"] == "live"
+    assert report["server"]["model"] == "gqa" and report["server"]["protocol"] == 1
+    assert [row["size"] for row in report["protocol"]] == [0, 1024, 4096, 16384, 65536, 262144, 1048576]
+    assert all(row["median_ms"] > 0 and row["p99_ms"] >= row["median_ms"] for row in report["protocol"])
+    assert report["memcpy"]["reused_gbps"] > 0
+    assert any(f.startswith("An empty raw round trip takes") for f in report["findings"])
+    assert any("the protocol adds" in f for f in report["findings"])
+
+    text = diagnose("--endpoint", server.endpoint)
+    assert text.returncode == 0 and "findings" in text.stdout and "raw ipc p50 ms" in text.stdout
+
+
+def test_diagnose_against_nothing(ipc_dir):
+    run = diagnose("--endpoint", f"ipc://{ipc_dir}/none.ipc")
+    assert run.returncode != 0
+    assert "no socket file" in run.stdout and "nothing answers" in run.stdout
+
+
+def test_diagnose_against_a_stale_socket_file(ipc_dir):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(ipc_dir / "stale.ipc"))
+    run = diagnose("--endpoint", f"ipc://{ipc_dir}/stale.ipc", "--json")
+    assert run.returncode != 0
+    report = json.loads(run.stdout)
+    assert report["socket_file"]["state"] == "stale"
+    assert any(f.startswith("stale socket file") for f in report["findings"])
+
+
+def test_diagnose_over_tcp_recommends_ipc(checkpoints, ipc_dir):
+    from gpu_server.launch import ServerProcess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with ServerProcess(f"tcp://127.0.0.1:{port}", "--device", "cpu", "--model", str(checkpoints("gqa"))) as server:
+        run = diagnose("--endpoint", server.endpoint, "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["transport"] == "tcp-loopback"
+    assert any("over ipc" in f and "over tcp loopback" in f for f in report["findings"])
