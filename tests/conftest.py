@@ -1,3 +1,4 @@
+import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import json
 import tempfile
 from pathlib import Path
