@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench-transport bench-prefill bench-stats clean
+.PHONY: install demo test bench bench-transport bench-prefill bench-stats bench-load clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench-prefill: install
 
 bench-stats: install
 	$(BIN)/python -m benchmarks.stats_overhead
+
+bench-load: install
+	$(BIN)/python -m benchmarks.load
+
+bench: bench-transport bench-prefill bench-stats bench-load
 
 clean:
 	rm -rf $(VENV) *.egg-info results

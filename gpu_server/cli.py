@@ -13,7 +13,8 @@ from protocol.errors import describe
 
 EPILOG = f"""
 Each flag can also come from the environment: LLAMA_MODEL_PATH, LLAMA_GPU_ENDPOINT,
-LLAMA_GPU_DEVICE, LLAMA_DTYPE, LLAMA_MAX_MESSAGE_MB, LLAMA_MAX_RESULT_MB; a flag wins.
+LLAMA_GPU_DEVICE, LLAMA_DTYPE, LLAMA_MAX_MESSAGE_MB, LLAMA_MAX_RESULT_MB,
+LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_AUTHORIZED_KEYS; a flag wins.
 The default endpoint is {default_endpoint()}, in a folder only you can enter.
 The server prints one line containing 'ready' once it answers; SIGINT or SIGTERM stop it
 after the request in hand.
@@ -30,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and wire dtype (default float32)")
     p.add_argument("--max-message-mb", type=float, help="drop inbound messages larger than this (default 1024)")
     p.add_argument("--max-result-mb", type=float, help="refuse requests whose result is larger (default 2048)")
+    p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this server's .key_secret (see tsqp-keygen)")
+    p.add_argument("--curve-authorized-keys", metavar="DIR", help="CURVE: folder of the client .key files admitted")
     return p.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from gpu_server.engine import Engine
-from protocol.errors import BadRequest, BadShape, TSQPError, UnknownMethod
+from protocol.errors import BadRequest, BadShape, ModelMismatch, TSQPError, UnknownMethod
 from protocol.messages import METHODS, Request
 from protocol.wire import PROTOCOL_VERSION, check_version, encode_tensors, unpack_header, unpack_tensors
 
@@ -60,6 +60,9 @@ class Handler:
             raise UnknownMethod(f"unknown method {request.method!r}; this server answers {', '.join(METHODS)}")
         if method.n_tensors is not None and len(request.tensors) != method.n_tensors:
             raise BadShape(f"{request.method} takes {method.n_tensors} tensor(s), got {len(request.tensors)}")
+        if request.fingerprint not in (None, self.engine.ckpt.fingerprint):
+            raise ModelMismatch(f"this server holds {self.engine.ckpt.name} (fingerprint {self.engine.ckpt.fingerprint[:12]}), "
+                                f"the request was made for fingerprint {request.fingerprint[:12]}")
         args = method.args.model_validate(request.args)
         return request, args, unpack_tensors(request.tensors, frames)
 

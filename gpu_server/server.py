@@ -16,6 +16,7 @@ from gpu_server.engine import Engine
 from gpu_server.handler import Handler
 from gpu_server.settings import ServerSettings
 from protocol.endpoints import Endpoint, make_private_dir, probe_ipc, runtime_dir
+from protocol.security import serve_curve
 from protocol.wire import TORCH_DTYPES
 
 POLL_MS = 100
@@ -31,6 +32,7 @@ class Server:
         self.endpoint = Endpoint.parse(settings.gpu_endpoint)
         self.should_exit = False
         self.socket = None
+        self.auth = None  # the CURVE authenticator thread, when CURVE is on
 
     def run(self) -> None:
         self.install_signal_handlers()
@@ -55,6 +57,8 @@ class Server:
                 self.socket.send_multipart(self.handler.handle(frames), copy=False)
 
     def shutdown(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
         if self.socket is not None:
             self.socket.close(linger=0)
             if self.endpoint.transport == "ipc" and probe_ipc(self.endpoint.path) != "missing":
@@ -73,6 +77,9 @@ class Server:
             make_private_dir(runtime_dir())
         elif not os.path.isdir(parent):
             raise FileNotFoundError(f"folder {parent} for the ipc socket does not exist")
+        elif os.stat(parent).st_mode & 0o077:
+            print(f"gpu-server: note: {parent} is open to other users; the socket itself is 0600, but a private "
+                  "folder (the default endpoint's) also keeps others from replacing it", flush=True)
         state = probe_ipc(path)
         if state == "live":
             raise EndpointBusy(f"another server is already listening on {self.endpoint.url}")
@@ -86,8 +93,12 @@ class Server:
         socket = zmq.Context.instance().socket(zmq.REP)
         socket.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         socket.setsockopt(zmq.LINGER, 0)
-        if self.endpoint.transport == "tcp" and not self.endpoint.is_loopback:
-            print(f"gpu-server: WARNING: {self.endpoint.url} is not loopback and traffic is not encrypted", file=sys.stderr, flush=True)
+        if self.settings.curve_secret_key:
+            self.auth = serve_curve(socket, self.settings.curve_secret_key, self.settings.curve_authorized_keys)
+        elif self.endpoint.transport == "tcp" and not self.endpoint.is_loopback:
+            print(f"gpu-server: WARNING: {self.endpoint.url} is reachable from other hosts and CURVE is off: "
+                  "anyone who can reach it may use the server, and tensors cross in the clear "
+                  "(see --curve-secret-key)", file=sys.stderr, flush=True)
         old_umask = os.umask(0o177)  # the ipc socket file is created 0600
         try:
             socket.bind(self.endpoint.url)

@@ -7,7 +7,7 @@ model in-process (`--backend passthrough|tee-only`).
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveFloat
+from pydantic import Field, PositiveFloat, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.endpoints import default_endpoint
@@ -39,6 +39,14 @@ class ServerSettings(ModelSettings):
     gpu_endpoint: str = Field(default_factory=default_endpoint)
     max_message_mb: PositiveFloat = Field(1024, description="inbound messages above this are dropped")
     max_result_mb: PositiveFloat = Field(2048, description="requests whose result would be larger are refused")
+    curve_secret_key: str | None = Field(None, description="this server's .key_secret file: turns CURVE on")
+    curve_authorized_keys: str | None = Field(None, description="folder of the client public keys admitted")
+
+    @model_validator(mode="after")
+    def curve_pair(self) -> "ServerSettings":
+        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
+            raise ValueError("CURVE needs both --curve-secret-key and --curve-authorized-keys")
+        return self
 
     @property
     def max_message_bytes(self) -> int:

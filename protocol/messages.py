@@ -39,6 +39,7 @@ class Request(Strict):
     method: str
     args: dict[str, Any] = {}
     tensors: list[TensorSpec] = []
+    fingerprint: str | None = None  # the model the client initialised with; a server holding another refuses
 
 
 class Timing(Strict):

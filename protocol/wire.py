@@ -8,11 +8,14 @@ Every request and every reply is one ZeroMQ multipart message (REQ/REP):
 
     request    {"v": PROTOCOL_VERSION, "id": n, "method": "Linear",
                 "args": {"layer": 3, "names": ["q_proj", "k_proj", "v_proj"]},
-                "tensors": [{"dtype": "float32", "shape": [1, 128, 576]}]}
+                "tensors": [{"dtype": "float32", "shape": [1, 128, 576]}],
+                "fingerprint": "…"}   (optional: the model the client initialised with)
     reply      {"v", "id", "ok": true, "result": {...}, "tensors": [...],
                 "timing": {"decode_ms", "compute_ms", "encode_ms"}}
     error      {"v", "id", "ok": false, "error": {"type": "BadShape", "message": "..."}}
 
+A server refuses (ModelMismatch) a request whose fingerprint is not its model's, so a client
+whose server was replaced mid-run gets an error, never silently different logits.
 Tensor elements are never msgpacked: a tensor crosses as one frame, zero-copy above pyzmq's
 64 KiB threshold. bfloat16 crosses as its 2-byte payload. `encode_ms` in a reply covers moving
 the result to host memory and framing it, everything but the final send.

@@ -15,19 +15,18 @@ import torch
 from torch import Tensor
 
 from tee_client.model import ModelSpec
-from tee_client.rpc import RpcClient
 from tee_client.stats import Call, current
 
 BACKENDS = ("remote", "passthrough", "tee-only")
 
 
 class RemoteOps:
-    def __init__(self, rpc: RpcClient):
+    def __init__(self, rpc):
         self.rpc = rpc
 
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.rpc.call("Init"))
-        self.rpc.wire_dtype = spec.dtype
+        self.rpc.wire_dtype, self.rpc.fingerprint = spec.dtype, spec.fingerprint
         return spec
 
     def embedding(self, input_ids: Tensor) -> Tensor:
@@ -103,7 +102,7 @@ class LocalOps:
 def make_ops(settings) -> RemoteOps | LocalOps:
     """The ops object for `settings.backend` (a tee_client.settings.PrefillSettings)."""
     if settings.backend == "remote":
-        return RemoteOps(RpcClient(settings.gpu_endpoint, settings.rpc_timeout, settings.rpc_retries))
+        return RemoteOps(settings.rpc_client())
     from gpu_server.checkpoint import load_checkpoint
     from gpu_server.engine import Engine
     from protocol.wire import TORCH_DTYPES

@@ -14,8 +14,8 @@ from tee_client.backends import BACKENDS
 PREFILL_EPILOG = f"""
 Flags may also come from the environment (a flag wins): LLAMA_GPU_ENDPOINT,
 LLAMA_PREFILL_LENGTH, LLAMA_TEE_BATCH_SIZE, LLAMA_PROMPT_PATH, LLAMA_TEE_RESULT_PATH,
-LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_BACKEND, LLAMA_SAVE_LOGITS, LLAMA_WARMUP,
-LLAMA_REPEAT, and for the in-process backends LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE.
+LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY,
+LLAMA_BACKEND, LLAMA_SAVE_LOGITS, LLAMA_WARMUP, LLAMA_REPEAT, and for the in-process backends LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE.
 The default endpoint is {default_endpoint()}.
 
 With --backend remote (the default) the client needs only the endpoint: the model's config,
@@ -41,10 +41,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype for passthrough/tee-only")
     pre.add_argument("--timeout", dest="rpc_timeout", type=float, metavar="S", help="seconds to wait for one reply (default 30)")
     pre.add_argument("--retries", dest="rpc_retries", type=int, metavar="N", help="resends over a fresh socket (default 2)")
+    add_curve_flags(pre)
     pre.add_argument("--warmup", type=int, metavar="N", help="untimed forwards before timing (default 1)")
     pre.add_argument("--repeat", type=int, metavar="N", help="timed forwards; the median is reported (default 1)")
     pre.add_argument("--json", action="store_true", help="print the result JSON instead of the summary")
     return p.parse_args(argv)
+
+
+def add_curve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this client's .key_secret (see tsqp-keygen)")
+    p.add_argument("--curve-server-key", metavar="FILE", help="CURVE: the server's public .key")
 
 
 def main(argv=None) -> int:

@@ -13,10 +13,13 @@ import stat
 import sys
 import tempfile
 
+from pydantic import ValidationError
+
 from protocol.endpoints import Endpoint, default_endpoint, probe_ipc
 from protocol.errors import RemoteError, ServerUnavailable, describe
 from tee_client import probe
-from tee_client.rpc import RpcClient
+from tee_client.cli import add_curve_flags
+from tee_client.settings import ClientSettings
 
 TRANSPORT_NOTES = {
     "ipc": "ipc: a Unix-domain socket, this host only, no TCP stack: the fast path for one host",
@@ -28,22 +31,24 @@ TRANSPORT_NOTES = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="diagnose-transport", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--endpoint", default=os.environ.get("LLAMA_GPU_ENDPOINT") or default_endpoint(),
-                   help="the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else the default ipc endpoint)")
+    p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL",
+                   help=f"the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else {default_endpoint()})")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
     p.add_argument("--max-size-mb", type=float, default=64, help="largest payload to time (default 64 MiB)")
+    add_curve_flags(p)
     return p.parse_args(argv)
 
 
-def diagnose(url: str, timeout_s: float = 5.0, max_size: int = 64 * probe.MiB) -> dict:
+def diagnose(settings: ClientSettings, timeout_s: float = 5.0, max_size: int = 64 * probe.MiB) -> dict:
+    url = settings.gpu_endpoint
     ep = Endpoint.parse(url)
     kind = "ipc" if ep.transport == "ipc" else ("tcp-loopback" if ep.is_loopback else "tcp-remote")
     report = {"endpoint": url, "transport": kind, "transport_note": TRANSPORT_NOTES[kind], "findings": []}
     if ep.transport == "ipc":
         report["socket_file"] = socket_file(ep.path)
     sizes = [s for s in probe.SIZES if s <= max_size]
-    report["server"], report["protocol"] = server_side(url, timeout_s, sizes, report["findings"])
+    report["server"], report["protocol"] = server_side(settings, timeout_s, sizes, report["findings"])
     report["raw"] = raw_side(ep.transport, sizes)
     report["raw_other_transport"] = raw_side("tcp" if ep.transport == "ipc" else "ipc", [0, probe.MiB])
     report["memcpy"] = probe.memcpy_bandwidth(min(max(max_size, probe.MiB), 64 * probe.MiB))
@@ -61,9 +66,9 @@ def socket_file(path: str) -> dict:
     return info
 
 
-def server_side(url: str, timeout_s: float, sizes: list[int], notes: list[str]):
+def server_side(settings: ClientSettings, timeout_s: float, sizes: list[int], notes: list[str]):
     try:
-        with RpcClient(url, timeout_s=timeout_s, retries=0) as rpc:
+        with settings.rpc_client(timeout_s=timeout_s, retries=0) as rpc:
             server = rpc.call("Ping")[0]
             return server, [{"size": s, **probe.time_protocol(rpc, s)} for s in sizes]
     except ServerUnavailable as e:
@@ -142,8 +147,8 @@ def human(n: int) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        report = diagnose(args.endpoint, args.timeout, int(args.max_size_mb * probe.MiB))
-    except (ValueError, OSError) as e:
+        report = diagnose(ClientSettings.from_args(args), args.timeout, int(args.max_size_mb * probe.MiB))
+    except (ValueError, OSError, ValidationError) as e:
         print(f"diagnose-transport: error: {describe(e)}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else render(report))

@@ -12,18 +12,20 @@ import zmq
 from torch import Tensor
 
 from protocol.endpoints import Endpoint, probe_ipc
-from protocol.errors import BadRequest, RemoteError, ServerUnavailable
+from protocol.errors import BadRequest, ModelMismatch, RemoteError, ServerUnavailable
 from protocol.messages import Reply
 from protocol.wire import PROTOCOL_VERSION, check_version, frame_bytes, pack, unpack_header, unpack_tensors
 from tee_client.stats import Call, current
 
 
 class RpcClient:
-    def __init__(self, endpoint: str, timeout_s: float = 30.0, retries: int = 2):
+    def __init__(self, endpoint: str, timeout_s: float = 30.0, retries: int = 2, curve_keys: tuple | None = None):
         self.endpoint = Endpoint.parse(endpoint)
+        self.curve_keys = curve_keys  # (public, secret, server public): see protocol.security
         self.timeout_ms = int(timeout_s * 1000)
         self.retries = retries
         self.wire_dtype = None  # floating tensors are cast to the server's dtype once Init says it
+        self.fingerprint = None  # sent with every request once Init says it
         self.next_id = 0
         self.context = zmq.Context.instance()
         self.socket = None
@@ -34,8 +36,10 @@ class RpcClient:
         """Send one request; return the reply's result and tensors, or raise RemoteError."""
         t0 = time.perf_counter_ns()
         self.next_id += 1
-        frames = pack({"v": PROTOCOL_VERSION, "id": self.next_id, "method": method, "args": args or {}},
-                      [self.to_wire(t) for t in tensors])
+        header = {"v": PROTOCOL_VERSION, "id": self.next_id, "method": method, "args": args or {}}
+        if self.fingerprint:
+            header["fingerprint"] = self.fingerprint
+        frames = pack(header, [self.to_wire(t) for t in tensors])
         t1 = time.perf_counter_ns()
         reply_frames = self.exchange(method, frames)
         t2 = time.perf_counter_ns()
@@ -51,8 +55,9 @@ class RpcClient:
                 return self.socket.recv_multipart(copy=False)
             self.connect()  # the REQ socket is stuck awaiting a reply: replace it
         tries = self.retries + 1
+        hint = "; with CURVE on, check that this client's key is authorized" if self.curve_keys else ""
         raise ServerUnavailable(f"no reply from {self.endpoint.url} to {method} "
-                                f"({tries} tr{'y' if tries == 1 else 'ies'} of {self.timeout_ms / 1000:g} s)")
+                                f"({tries} tr{'y' if tries == 1 else 'ies'} of {self.timeout_ms / 1000:g} s){hint}")
 
     def decode(self, frames: list) -> tuple[Reply, list[Tensor]]:
         header = unpack_header(frames[0])
@@ -60,6 +65,8 @@ class RpcClient:
         reply = Reply.model_validate(header)
         if reply.id != self.next_id:
             raise BadRequest(f"reply id {reply.id} does not match request {self.next_id}")
+        if not reply.ok and reply.error.type == "ModelMismatch":
+            raise ModelMismatch(f"the server at {self.endpoint.url} changed model mid-run: {reply.error.message}")
         if not reply.ok:
             raise RemoteError(reply.error.type, reply.error.message)
         return reply, [t.float() if t.is_floating_point() else t for t in unpack_tensors(reply.tensors, frames[1:])]
@@ -96,6 +103,8 @@ class RpcClient:
             self.socket.close(linger=0)
         self.socket = self.context.socket(zmq.REQ)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if self.curve_keys:
+            self.socket.curve_publickey, self.socket.curve_secretkey, self.socket.curve_serverkey = self.curve_keys
         self.socket.connect(self.endpoint.url)
 
     def close(self) -> None:

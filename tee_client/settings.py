@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from gpu_server.settings import LlamaSettings, ModelSettings
 from protocol.endpoints import default_endpoint
@@ -12,6 +12,22 @@ class ClientSettings(LlamaSettings):
     gpu_endpoint: str = Field(default_factory=default_endpoint)
     rpc_timeout: PositiveFloat = Field(30.0, description="seconds to wait for one reply")
     rpc_retries: int = Field(2, ge=0, description="resends over a fresh socket before giving up")
+    curve_secret_key: str | None = Field(None, description="this client's .key_secret file: turns CURVE on")
+    curve_server_key: str | None = Field(None, description="the server's public .key file")
+
+    @model_validator(mode="after")
+    def curve_pair(self) -> "ClientSettings":
+        if (self.curve_secret_key is None) != (self.curve_server_key is None):
+            raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
+        return self
+
+    def rpc_client(self, timeout_s: float | None = None, retries: int | None = None):
+        from protocol.security import client_keys
+        from tee_client.rpc import RpcClient
+
+        keys = client_keys(self.curve_secret_key, self.curve_server_key) if self.curve_secret_key else None
+        return RpcClient(self.gpu_endpoint, self.rpc_timeout if timeout_s is None else timeout_s,
+                         self.rpc_retries if retries is None else retries, curve_keys=keys)
 
 
 class PrefillSettings(ClientSettings, ModelSettings):
