@@ -126,7 +126,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @tee_op("softmax")
 def masked_softmax(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
-    return torch.softmax(scores * scale + mask, dim=-1, dtype=torch.float32)
+    """Consumes `scores` (scaled and masked in place: two fewer S x S buffers per layer)."""
+    return torch.softmax(scores.mul_(scale).add_(mask), dim=-1, dtype=torch.float32)
 
 
 @tee_op("silu")
