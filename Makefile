@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-transport bench-prefill bench-stats bench-load clean
+.PHONY: install demo test lint bench bench-transport bench-prefill bench-stats bench-load clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
 
 bench-transport: install
 	$(BIN)/python -m benchmarks.transport

@@ -47,8 +47,15 @@ def run(url: str, clients: int, calls: int) -> dict:
     wall = time.perf_counter() - t0
     rtt_ms = np.concatenate([np.array(r) for _, r in results.values()]) / 1e6
     answered = sum(a for a, _ in results.values())
-    return {"clients": clients, "sent": clients * calls, "answered": answered, "lost": clients * calls - answered,
-            "calls_per_s": answered / wall, "p50_ms": float(np.median(rtt_ms)), "p99_ms": float(np.percentile(rtt_ms, 99))}
+    return {
+        "clients": clients,
+        "sent": clients * calls,
+        "answered": answered,
+        "lost": clients * calls - answered,
+        "calls_per_s": answered / wall,
+        "p50_ms": float(np.median(rtt_ms)),
+        "p99_ms": float(np.percentile(rtt_ms, 99)),
+    }
 
 
 def main(argv=None) -> int:
@@ -63,7 +70,9 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["clients"] for r in rows], [r["calls_per_s"] for r in rows], marker="o", label="throughput (calls/s)")
     ax2 = ax.twinx()
-    ax2.plot([r["clients"] for r in rows], [r["p99_ms"] for r in rows], marker="s", color="C1", label="p99 round trip (ms)")
+    ax2.plot(
+        [r["clients"] for r in rows], [r["p99_ms"] for r in rows], marker="s", color="C1", label="p99 round trip (ms)"
+    )
     ax.set(xlabel="concurrent clients", ylabel="calls/s", title="Echo 1 KiB from concurrent clients, one server")
     ax2.set_ylabel("p99 ms")
     fig.legend(loc="upper left")
@@ -71,9 +80,15 @@ def main(argv=None) -> int:
     fig.savefig(png_path("load"), dpi=120)
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
-    print(markdown_table(["clients", "sent", "answered", "lost", "calls/s", "p50 ms", "p99 ms"],
-                         [[r["clients"], r["sent"], r["answered"], r["lost"], round(r["calls_per_s"]), r["p50_ms"], r["p99_ms"]]
-                          for r in rows]))
+    print(
+        markdown_table(
+            ["clients", "sent", "answered", "lost", "calls/s", "p50 ms", "p99 ms"],
+            [
+                [r["clients"], r["sent"], r["answered"], r["lost"], round(r["calls_per_s"]), r["p50_ms"], r["p99_ms"]]
+                for r in rows
+            ],
+        )
+    )
     print(f"wrote {path} and {png_path('load')}")
     return 0 if all(r["lost"] == 0 for r in rows) else 1
 

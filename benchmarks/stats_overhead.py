@@ -74,22 +74,36 @@ def main(argv=None) -> int:
             probe = Stats()
             with probe.recording():
                 model.forward(ids, mask)
-            counts = {"tee_steps": sum(probe.tee_counts.values()),
-                      "calls": sum(len(m.calls) for m in probe.methods.values())}
+            counts = {
+                "tee_steps": sum(probe.tee_counts.values()),
+                "calls": sum(len(m.calls) for m in probe.methods.values()),
+            }
             times = {"on": [], "off": []}
             for _ in range(args.runs):
                 for mode in ("on", "off"):
                     times[mode].append(forward_seconds(model, ids, mask, mode == "on"))
-    summary = {m: {"median_s": float(np.median(t)), "q1_s": float(np.percentile(t, 25)), "q3_s": float(np.percentile(t, 75))}
-               for m, t in times.items()}
+    summary = {
+        m: {"median_s": float(np.median(t)), "q1_s": float(np.percentile(t, 25)), "q3_s": float(np.percentile(t, 75))}
+        for m, t in times.items()
+    }
     overhead = 100 * (summary["on"]["median_s"] / summary["off"]["median_s"] - 1)
     unit = bookkeeping_ns()
     bound_ms = (unit["tee_step_ns"] * counts["tee_steps"] + unit["call_ns"] * counts["calls"]) / 1e6
     bound_pct = 100 * bound_ms / (summary["off"]["median_s"] * 1e3)
-    path = write_json("stats_overhead", {"length": args.length, "runs": args.runs, "times_s": times,
-                                         "summary": summary, "overhead_pct": overhead, "counts": counts,
-                                         "bookkeeping_ns": unit, "bookkeeping_ms": bound_ms,
-                                         "bookkeeping_pct": bound_pct})
+    path = write_json(
+        "stats_overhead",
+        {
+            "length": args.length,
+            "runs": args.runs,
+            "times_s": times,
+            "summary": summary,
+            "overhead_pct": overhead,
+            "counts": counts,
+            "bookkeeping_ns": unit,
+            "bookkeeping_ms": bound_ms,
+            "bookkeeping_pct": bound_pct,
+        },
+    )
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.boxplot([times["off"], times["on"]], tick_labels=["stats off", "stats on"])
     ax.set(ylabel="prefill time (s)", title=f"Stats overhead, length {args.length}: {overhead:+.2f}%")
@@ -97,12 +111,18 @@ def main(argv=None) -> int:
     fig.savefig(png_path("stats_overhead"), dpi=120)
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
-    print(markdown_table(["stats", "median ms", "q1 ms", "q3 ms"],
-                         [[k, v["median_s"] * 1e3, v["q1_s"] * 1e3, v["q3_s"] * 1e3] for k, v in summary.items()]))
+    print(
+        markdown_table(
+            ["stats", "median ms", "q1 ms", "q3 ms"],
+            [[k, v["median_s"] * 1e3, v["q1_s"] * 1e3, v["q3_s"] * 1e3] for k, v in summary.items()],
+        )
+    )
     print(f"overhead of recording stats: {overhead:+.2f}% (ratio of medians, {args.runs} alternating runs each)")
-    print(f"bookkeeping timed directly: {unit['tee_step_ns']:.0f} ns per TEE step x {counts['tee_steps']} + "
-          f"{unit['call_ns']:.0f} ns per call x {counts['calls']} = {bound_ms:.3f} ms per forward, "
-          f"{bound_pct:.3f}% of the median forward")
+    print(
+        f"bookkeeping timed directly: {unit['tee_step_ns']:.0f} ns per TEE step x {counts['tee_steps']} + "
+        f"{unit['call_ns']:.0f} ns per call x {counts['calls']} = {bound_ms:.3f} ms per forward, "
+        f"{bound_pct:.3f}% of the median forward"
+    )
     print(f"wrote {path} and {png_path('stats_overhead')}")
     return 0
 

@@ -6,7 +6,6 @@ gpu-server. Each size is timed after 3 warm-up round trips, over enough repetiti
 bounded by the bytes moved); medians and p99 are reported.
 """
 
-import socket
 import sys
 import tempfile
 
@@ -16,20 +15,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
-from gpu_server.launch import ServerProcess  # noqa: E402
+from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
 from tee_client import probe  # noqa: E402
 from tee_client.diagnose import human  # noqa: E402
 from tee_client.rpc import RpcClient  # noqa: E402
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(tmp: str, sizes: list[int]) -> dict:
-    urls = {"ipc": (f"ipc://{tmp}/proto.ipc", f"ipc://{tmp}/raw.ipc"), "tcp": (f"tcp://127.0.0.1:{free_tcp_port()}", "tcp://127.0.0.1:0")}
+    urls = {
+        "ipc": (f"ipc://{tmp}/proto.ipc", f"ipc://{tmp}/raw.ipc"),
+        "tcp": (f"tcp://127.0.0.1:{free_tcp_port()}", "tcp://127.0.0.1:0"),
+    }
     series = {}
     for transport, (proto_url, raw_url) in urls.items():
         with probe.raw_echo_server(raw_url) as bound:
@@ -43,10 +39,21 @@ def plot(series: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in series.items():
         rows = [r for r in rows if r["size"] > 0]
-        ax.plot([r["size"] for r in rows], [r["median_ms"] for r in rows], marker="o", ms=3,
-                linestyle="-" if "protocol" in name else "--", label=name)
-    ax.set(xscale="log", yscale="log", xlabel="payload each way (bytes)", ylabel="round trip, median (ms)",
-           title="Round trip vs payload: ipc vs tcp loopback, raw zmq vs TSQP protocol")
+        ax.plot(
+            [r["size"] for r in rows],
+            [r["median_ms"] for r in rows],
+            marker="o",
+            ms=3,
+            linestyle="-" if "protocol" in name else "--",
+            label=name,
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="payload each way (bytes)",
+        ylabel="round trip, median (ms)",
+        title="Round trip vs payload: ipc vs tcp loopback, raw zmq vs TSQP protocol",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -74,7 +81,10 @@ def main() -> int:
     m = machine()
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
     print(table(series))
-    print(f"\nmemcpy: {memcpy['reused_gbps']:.1f} GB/s into reused memory, {memcpy['fresh_gbps']:.1f} GB/s into fresh buffers")
+    print(
+        f"\nmemcpy: {memcpy['reused_gbps']:.1f} GB/s into reused memory, "
+        f"{memcpy['fresh_gbps']:.1f} GB/s into fresh buffers"
+    )
     print(f"wrote {path} and {png_path('transport')}")
     return 0
 

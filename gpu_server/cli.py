@@ -22,13 +22,20 @@ after the request in hand.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gpu-server", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", dest="model_path", metavar="PATH",
-                   help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p = argparse.ArgumentParser(
+        prog="gpu-server", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        dest="model_path",
+        metavar="PATH",
+        help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL", help="ipc:///path or tcp://host:port")
     p.add_argument("--device", dest="gpu_device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and wire dtype (default float32)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights and wire dtype (default float32)"
+    )
     p.add_argument("--max-message-mb", type=float, help="drop inbound messages larger than this (default 1024)")
     p.add_argument("--max-result-mb", type=float, help="refuse requests whose result is larger (default 2048)")
     p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this server's .key_secret (see tsqp-keygen)")
@@ -44,4 +51,3 @@ def main(argv=None) -> int:
         print(f"gpu-server: error: {describe(e)}", file=sys.stderr)
         return 1
     return 0
-

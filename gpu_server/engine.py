@@ -84,7 +84,9 @@ class Engine:
         rows, inner = a.shape[-2:]
         b_inner, cols = (b.shape[-1], b.shape[-2]) if transpose_b else b.shape[-2:]
         if inner != b_inner:
-            raise BadShape(f"Matmul inner dimensions differ: {list(a.shape)} @ {list(b.shape)}, transpose_b={transpose_b}")
+            raise BadShape(
+                f"Matmul inner dimensions differ: {list(a.shape)} @ {list(b.shape)}, transpose_b={transpose_b}"
+            )
         try:
             batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except RuntimeError:
@@ -117,6 +119,6 @@ class Engine:
             raise BadShape(f"{what} takes [..., {features}] activations, got {list(x.shape)}")
 
     def check_result(self, numel: int) -> None:
-        if numel * self.itemsize > self.max_result_bytes:
-            raise TooLarge(f"result of {numel * self.itemsize / 2**20:.0f} MiB is over the cap of {self.max_result_bytes / 2**20:.0f} MiB")
-
+        mib, cap = numel * self.itemsize / 2**20, self.max_result_bytes / 2**20
+        if mib > cap:
+            raise TooLarge(f"result of {mib:.0f} MiB is over the cap of {cap:.0f} MiB")

@@ -49,7 +49,14 @@ class Handler:
             self.errors += 1
             return [msgpack.packb(self.error_header(header, e), use_bin_type=True)]
         timing = {"decode_ms": (t1 - t0) / 1e6, "compute_ms": (t2 - t1) / 1e6, "encode_ms": (t3 - t2) / 1e6}
-        reply = {"v": PROTOCOL_VERSION, "id": request.id, "ok": True, "result": result, "tensors": specs, "timing": timing}
+        reply = {
+            "v": PROTOCOL_VERSION,
+            "id": request.id,
+            "ok": True,
+            "result": result,
+            "tensors": specs,
+            "timing": timing,
+        }
         return [msgpack.packb(reply, use_bin_type=True), *buffers]
 
     def decode(self, header: dict, frames: list):
@@ -61,16 +68,24 @@ class Handler:
         if method.n_tensors is not None and len(request.tensors) != method.n_tensors:
             raise BadShape(f"{request.method} takes {method.n_tensors} tensor(s), got {len(request.tensors)}")
         if request.fingerprint not in (None, self.engine.ckpt.fingerprint):
-            raise ModelMismatch(f"this server holds {self.engine.ckpt.name} (fingerprint {self.engine.ckpt.fingerprint[:12]}), "
-                                f"the request was made for fingerprint {request.fingerprint[:12]}")
+            raise ModelMismatch(
+                f"this server holds {self.engine.ckpt.name} (fingerprint {self.engine.ckpt.fingerprint[:12]}), "
+                f"the request was made for fingerprint {request.fingerprint[:12]}"
+            )
         args = method.args.model_validate(request.args)
         return request, args, unpack_tensors(request.tensors, frames)
 
     def ping(self) -> dict:
         ckpt = self.engine.ckpt
-        return {"model": ckpt.name, "fingerprint": ckpt.fingerprint, "protocol": PROTOCOL_VERSION,
-                "device": str(self.engine.device), "dtype": str(self.engine.dtype).removeprefix("torch."),
-                "served": self.served, "errors": self.errors}
+        return {
+            "model": ckpt.name,
+            "fingerprint": ckpt.fingerprint,
+            "protocol": PROTOCOL_VERSION,
+            "device": str(self.engine.device),
+            "dtype": str(self.engine.dtype).removeprefix("torch."),
+            "served": self.served,
+            "errors": self.errors,
+        }
 
     def synchronize(self) -> None:
         if self.engine.device.type == "cuda":
@@ -80,7 +95,9 @@ class Handler:
     def error_header(header: dict, e: Exception) -> dict:
         request_id = header.get("id") if isinstance(header.get("id"), int) else 0
         if isinstance(e, ValidationError):
-            e = BadRequest(f"invalid {header.get('method', 'request')!s:.40}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}")
+            e = BadRequest(
+                f"invalid {header.get('method', 'request')!s:.40}: {e.errors()[0]['loc']} {e.errors()[0]['msg']}"
+            )
         if isinstance(e, TSQPError):
             error = {"type": type(e).__name__, "message": str(e)}
         else:

@@ -6,6 +6,7 @@ same way a user does.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,9 @@ class ServerProcess:
         self.output: list[str] = []
 
     def start(self, timeout: float = 300.0) -> "ServerProcess":
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
+        )
         ready = threading.Event()
         self.reader = threading.Thread(target=self.drain, args=(ready,), daemon=True)
         self.reader.start()
@@ -62,3 +65,10 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_tcp_port() -> int:
+    """A loopback port nobody listens on right now (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -48,7 +48,10 @@ class Server:
         ckpt = load_checkpoint(s.model_path, TORCH_DTYPES[s.dtype], s.device)
         self.handler = Handler(Engine(ckpt, s.max_result_bytes))
         self.socket = self.bind()
-        print(f"gpu-server ready on {self.endpoint.url} (model {ckpt.name}, device {s.device}, dtype {s.dtype})", flush=True)
+        print(
+            f"gpu-server ready on {self.endpoint.url} (model {ckpt.name}, device {s.device}, dtype {s.dtype})",
+            flush=True,
+        )
 
     def main_loop(self) -> None:
         while not self.should_exit:
@@ -78,8 +81,11 @@ class Server:
         elif not os.path.isdir(parent):
             raise FileNotFoundError(f"folder {parent} for the ipc socket does not exist")
         elif os.stat(parent).st_mode & 0o077:
-            print(f"gpu-server: note: {parent} is open to other users; the socket itself is 0600, but a private "
-                  "folder (the default endpoint's) also keeps others from replacing it", flush=True)
+            print(
+                f"gpu-server: note: {parent} is open to other users; the socket itself is 0600, but a private "
+                "folder (the default endpoint's) also keeps others from replacing it",
+                flush=True,
+            )
         state = probe_ipc(path)
         if state == "live":
             raise EndpointBusy(f"another server is already listening on {self.endpoint.url}")
@@ -96,9 +102,13 @@ class Server:
         if self.settings.curve_secret_key:
             self.auth = serve_curve(socket, self.settings.curve_secret_key, self.settings.curve_authorized_keys)
         elif self.endpoint.transport == "tcp" and not self.endpoint.is_loopback:
-            print(f"gpu-server: WARNING: {self.endpoint.url} is reachable from other hosts and CURVE is off: "
-                  "anyone who can reach it may use the server, and tensors cross in the clear "
-                  "(see --curve-secret-key)", file=sys.stderr, flush=True)
+            print(
+                f"gpu-server: WARNING: {self.endpoint.url} is reachable from other hosts and CURVE is off: "
+                "anyone who can reach it may use the server, and tensors cross in the clear "
+                "(see --curve-secret-key)",
+                file=sys.stderr,
+                flush=True,
+            )
         old_umask = os.umask(0o177)  # the ipc socket file is created 0600
         try:
             socket.bind(self.endpoint.url)

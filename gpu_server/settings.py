@@ -26,7 +26,9 @@ class LlamaSettings(BaseSettings):
 
 
 class ModelSettings(LlamaSettings):
-    model_path: str | None = Field(None, description="HF checkpoint folder or .gguf file (default: embedded SmolLM2-135M)")
+    model_path: str | None = Field(
+        None, description="HF checkpoint folder or .gguf file (default: embedded SmolLM2-135M)"
+    )
     gpu_device: str | None = Field(None, description="cpu, cuda or cuda:N (default: cuda when available)")
     dtype: DTypeName = Field("float32", description="weights and wire dtype")
 
@@ -44,9 +46,7 @@ class ServerSettings(ModelSettings):
 
     @model_validator(mode="after")
     def curve_pair(self) -> "ServerSettings":
-        if (self.curve_secret_key is None) != (self.curve_authorized_keys is None):
-            raise ValueError("CURVE needs both --curve-secret-key and --curve-authorized-keys")
-        return self
+        return require_together(self, "curve_secret_key", "curve_authorized_keys")
 
     @property
     def max_message_bytes(self) -> int:
@@ -55,6 +55,13 @@ class ServerSettings(ModelSettings):
     @property
     def max_result_bytes(self) -> int:
         return int(self.max_result_mb * 2**20)
+
+
+def require_together(settings: LlamaSettings, *fields: str) -> LlamaSettings:
+    given = [getattr(settings, f) is not None for f in fields]
+    if any(given) and not all(given):
+        raise ValueError("CURVE needs " + " and ".join("--" + f.replace("_", "-") for f in fields))
+    return settings
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -71,4 +78,3 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
-

@@ -58,9 +58,12 @@ def client_keys(secret_file: str, server_public_file: str) -> tuple[bytes, bytes
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tsqp-keygen", description="Make a CURVE key pair: NAME.key (public) and "
-                                "NAME.key_secret (private, mode 0600). Copy a client's NAME.key into the server's "
-                                "--curve-authorized-keys folder; give clients the server's NAME.key.")
+    p = argparse.ArgumentParser(
+        prog="tsqp-keygen",
+        description="Make a CURVE key pair: NAME.key (public) and "
+        "NAME.key_secret (private, mode 0600). Copy a client's NAME.key into the server's "
+        "--curve-authorized-keys folder; give clients the server's NAME.key.",
+    )
     p.add_argument("name", help="e.g. server, or a client's name")
     p.add_argument("--dir", default=".", help="folder to write the two files into (default: here)")
     args = p.parse_args(argv)

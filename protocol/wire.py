@@ -91,9 +91,8 @@ def check_version(header: dict) -> None:
 def unpack_tensors(specs: Sequence[TensorSpec], frames: Sequence) -> list[torch.Tensor]:
     if len(frames) != len(specs):
         raise BadShape(f"{len(specs)} tensor descriptors but {len(frames)} tensor frames")
-    return [tensor_from_buffer(s, f) for s, f in zip(specs, frames)]
+    return [tensor_from_buffer(s, f) for s, f in zip(specs, frames, strict=True)]
 
 
 def frame_bytes(frames: Sequence) -> int:
     return sum(memoryview(f).nbytes for f in frames)
-

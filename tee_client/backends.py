@@ -80,9 +80,18 @@ class LocalOps:
         t3 = time.perf_counter_ns()
         if (stats := current()) is not None:
             moved = lambda ts: sum(t.nbytes for t in ts) if self.moves else 0  # noqa: E731
-            stats.record(method, Call(bytes_sent=moved(inputs), bytes_received=moved(out), wall_ns=t3 - t0,
-                                      transfer_ns=(t1 - t0) + (t3 - t2) if self.moves else 0, compute_ns=t2 - t1,
-                                      serialize_ns=t1 - t0, deserialize_ns=t3 - t2))
+            stats.record(
+                method,
+                Call(
+                    bytes_sent=moved(inputs),
+                    bytes_received=moved(out),
+                    wall_ns=t3 - t0,
+                    transfer_ns=(t1 - t0) + (t3 - t2) if self.moves else 0,
+                    compute_ns=t2 - t1,
+                    serialize_ns=t1 - t0,
+                    deserialize_ns=t3 - t2,
+                ),
+            )
         return results
 
     def to_device(self, t: Tensor) -> Tensor:

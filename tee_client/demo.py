@@ -13,9 +13,21 @@ def main() -> int:
         print(f"starting gpu-server on {endpoint} (the first start converts the embedded model, ~20 s)", flush=True)
         with ServerProcess(endpoint, "--device", "cpu") as server:
             print(server.log, end="", flush=True)
-            code = tee_client(["prefill", "--endpoint", endpoint, "--length", "128",
-                               "--prompt", "The capital of France is", "--prompt", "The opposite of hot is",
-                               "--batch-size", "2"])
+            code = tee_client(
+                [
+                    "prefill",
+                    "--endpoint",
+                    endpoint,
+                    "--length",
+                    "128",
+                    "--prompt",
+                    "The capital of France is",
+                    "--prompt",
+                    "The opposite of hot is",
+                    "--batch-size",
+                    "2",
+                ]
+            )
         print(f"gpu-server (pid {server.proc.pid}) stopped with exit code {server.proc.returncode}")
     return code
 

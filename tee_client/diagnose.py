@@ -29,10 +29,15 @@ TRANSPORT_NOTES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="diagnose-transport", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL",
-                   help=f"the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else {default_endpoint()})")
+    p = argparse.ArgumentParser(
+        prog="diagnose-transport", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--endpoint",
+        dest="gpu_endpoint",
+        metavar="URL",
+        help=f"the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else {default_endpoint()})",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
     p.add_argument("--max-size-mb", type=float, default=64, help="largest payload to time (default 64 MiB)")
@@ -82,14 +87,19 @@ def raw_side(transport: str, sizes: list[int]) -> dict:
     with tempfile.TemporaryDirectory(prefix="tsqp-diag-") as tmp:
         url = f"ipc://{tmp}/raw.ipc" if transport == "ipc" else "tcp://127.0.0.1:0"
         with probe.raw_echo_server(url) as bound:
-            return {"transport": transport, "sizes": [{"size": s, **probe.spread(probe.time_raw(bound, s))} for s in sizes]}
+            return {
+                "transport": transport,
+                "sizes": [{"size": s, **probe.spread(probe.time_raw(bound, s))} for s in sizes],
+            }
 
 
 def findings(r: dict) -> list[str]:
     out = []
     sock = r.get("socket_file", {})
     if sock.get("state") == "stale":
-        out.append(f"stale socket file {sock['path']}: a server died without cleaning up; starting gpu-server removes it")
+        out.append(
+            f"stale socket file {sock['path']}: a server died without cleaning up; starting gpu-server removes it"
+        )
     elif sock.get("state") == "missing":
         out.append(f"no socket file at {sock['path']}: start gpu-server with --endpoint {r['endpoint']}")
     elif sock.get("state") == "live" and sock.get("mode") not in ("0o600", None):
@@ -105,13 +115,17 @@ def findings(r: dict) -> list[str]:
         out.append(compare[0].upper() + compare[1:])
     if r["protocol"]:
         empty, largest = r["protocol"][0], r["protocol"][-1]
-        out.append(f"an empty call takes {empty['median_ms'] * 1000:.0f} us through the protocol, "
-                   f"{raw[0]['median_ms'] * 1000:.0f} us as raw zmq: the protocol adds "
-                   f"{(empty['median_ms'] - raw[0]['median_ms']) * 1000:.0f} us per call")
+        out.append(
+            f"an empty call takes {empty['median_ms'] * 1000:.0f} us through the protocol, "
+            f"{raw[0]['median_ms'] * 1000:.0f} us as raw zmq: the protocol adds "
+            f"{(empty['median_ms'] - raw[0]['median_ms']) * 1000:.0f} us per call"
+        )
         bw = probe.gbps(largest["size"], largest["median_ms"] / 1e3)
-        out.append(f"{largest['size'] / probe.MiB:g} MiB each way moves at {bw:.2f} GB/s; serialization is "
-                   f"{largest['serialization_pct']:.0f}% of that round trip; memcpy runs at "
-                   f"{r['memcpy']['reused_gbps']:.1f} GB/s into reused memory")
+        out.append(
+            f"{largest['size'] / probe.MiB:g} MiB each way moves at {bw:.2f} GB/s; serialization is "
+            f"{largest['serialization_pct']:.0f}% of that round trip; memcpy runs at "
+            f"{r['memcpy']['reused_gbps']:.1f} GB/s into reused memory"
+        )
         if empty["median_ms"] > 5:
             out.append("an empty call over 5 ms: the server is busy, far away, or the host is overloaded")
     return out
@@ -121,20 +135,39 @@ def render(r: dict) -> str:
     lines = [f"endpoint   {r['endpoint']}", f"transport  {r['transport_note']}"]
     if "socket_file" in r:
         s = r["socket_file"]
-        lines.append(f"socket     {s['state']}" + (f", mode {s['mode']}, folder {s['folder_mode']}" if "mode" in s else ""))
+        lines.append(
+            f"socket     {s['state']}" + (f", mode {s['mode']}, folder {s['folder_mode']}" if "mode" in s else "")
+        )
     srv = r["server"]
-    lines.append("server     " + (f"{srv['model']}, protocol {srv['protocol']}, device {srv['device']}, dtype {srv['dtype']}, "
-                                  f"fingerprint {srv['fingerprint'][:12]}" if srv else "no answer"))
+    lines.append(
+        "server     "
+        + (
+            f"{srv['model']}, protocol {srv['protocol']}, device {srv['device']}, dtype {srv['dtype']}, "
+            f"fingerprint {srv['fingerprint'][:12]}"
+            if srv
+            else "no answer"
+        )
+    )
     raw = {row["size"]: row for row in r["raw"]["sizes"]}
-    lines.append(f"\n{'payload':>10} {'protocol p50 ms':>16} {'p99 ms':>9} {'GB/s':>7} {'serial. %':>10}"
-                 f" {'raw ' + r['raw']['transport'] + ' p50 ms':>16} {'GB/s':>7}")
+    lines.append(
+        f"\n{'payload':>10} {'protocol p50 ms':>16} {'p99 ms':>9} {'GB/s':>7} {'serial. %':>10}"
+        f" {'raw ' + r['raw']['transport'] + ' p50 ms':>16} {'GB/s':>7}"
+    )
     for row in r["protocol"] or [{"size": s} for s in raw]:
         size, rw = row["size"], raw[row["size"]]
-        proto = (f"{row['median_ms']:>16.3f} {row['p99_ms']:>9.3f} {probe.gbps(size, row['median_ms'] / 1e3):>7.2f}"
-                 f" {row['serialization_pct']:>10.1f}" if "median_ms" in row else f"{'-':>16} {'-':>9} {'-':>7} {'-':>10}")
-        lines.append(f"{human(size):>10} {proto} {rw['median_ms']:>16.3f} {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}")
+        proto = (
+            f"{row['median_ms']:>16.3f} {row['p99_ms']:>9.3f} {probe.gbps(size, row['median_ms'] / 1e3):>7.2f}"
+            f" {row['serialization_pct']:>10.1f}"
+            if "median_ms" in row
+            else f"{'-':>16} {'-':>9} {'-':>7} {'-':>10}"
+        )
+        lines.append(
+            f"{human(size):>10} {proto} {rw['median_ms']:>16.3f} {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}"
+        )
     m = r["memcpy"]
-    lines.append(f"\nmemcpy     {m['reused_gbps']:.1f} GB/s into reused memory, {m['fresh_gbps']:.1f} GB/s into fresh buffers")
+    lines.append(
+        f"\nmemcpy     {m['reused_gbps']:.1f} GB/s into reused memory, {m['fresh_gbps']:.1f} GB/s into fresh buffers"
+    )
     lines.append("findings")
     lines += [f"  - {f}" for f in r["findings"]]
     return "\n".join(lines)

@@ -47,8 +47,9 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
             spec = ops.init()
         model = Llama(spec, ops)
         prompts = read_prompts(settings)
-        input_ids, attention_mask, lengths = encode_batch(spec.tokenizer, prompts, settings.tee_batch_size,
-                                                          settings.prefill_length)
+        input_ids, attention_mask, lengths = encode_batch(
+            spec.tokenizer, prompts, settings.tee_batch_size, settings.prefill_length
+        )
         for _ in range(settings.warmup):
             model.forward(input_ids, attention_mask)
         runs = [timed_forward(model, input_ids, attention_mask) for _ in range(settings.repeat)]
@@ -99,12 +100,16 @@ def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, att
     if settings.tee_result_path:
         Path(settings.tee_result_path).write_text(json.dumps(result, indent=2) + "\n")
     if settings.save_logits:
-        np.savez(settings.save_logits, logits=logits.float().numpy(), input_ids=input_ids.numpy(),
-                 attention_mask=attention_mask.numpy())
+        np.savez(
+            settings.save_logits,
+            logits=logits.float().numpy(),
+            input_ids=input_ids.numpy(),
+            attention_mask=attention_mask.numpy(),
+        )
 
 
 def summary(result: dict) -> str:
-    t, pct = result["timing"], result["timing_percentage"]
+    t, pct, data = result["timing"], result["timing_percentage"], result["data_transfer"]
     lines = [
         f"prefill  backend={result['backend']}  model={result['model']}  dtype={result['dtype']}"
         + (f"  endpoint={result['endpoint']}" if result["endpoint"] else ""),
@@ -114,14 +119,15 @@ def summary(result: dict) -> str:
         f"  transfer {t['transfer_ms']:.1f} ms ({pct['transfer']:.1f}%)  gpu compute {t['gpu_compute_ms']:.1f} ms "
         f"({pct['gpu_compute']:.1f}%)  tee compute {t['tee_compute_ms']:.1f} ms ({pct['tee_compute']:.1f}%)  "
         f"other {t['other_ms']:.1f} ms",
-        f"  data to gpu {result['data_transfer']['to_gpu_mb']:.1f} MB, to cpu {result['data_transfer']['to_cpu_mb']:.1f} MB",
+        f"  data to gpu {data['to_gpu_mb']:.1f} MB, to cpu {data['to_cpu_mb']:.1f} MB",
         "  method       calls   sent MB   recv MB   rtt p50 ms   rtt p99 ms   total ms   server ms",
     ]
     for method, m in result["rpc"].items():
-        lines.append(f"  {method:<11}{m['calls']:>6}{m['bytes_sent'] / 1e6:>10.2f}{m['bytes_received'] / 1e6:>10.2f}"
-                     f"{m['rtt_ms']['p50']:>13.3f}{m['rtt_ms']['p99']:>13.3f}{m['rtt_ms']['total']:>11.1f}"
-                     f"{m['server_compute_ms']:>12.1f}")
+        lines.append(
+            f"  {method:<11}{m['calls']:>6}{m['bytes_sent'] / 1e6:>10.2f}{m['bytes_received'] / 1e6:>10.2f}"
+            f"{m['rtt_ms']['p50']:>13.3f}{m['rtt_ms']['p99']:>13.3f}{m['rtt_ms']['total']:>11.1f}"
+            f"{m['server_compute_ms']:>12.1f}"
+        )
     for p in result["predictions"]:
         lines.append(f"  {p['prompt']!r} -> {p['next_token']!r} (id {p['next_token_id']})")
     return "\n".join(lines)
-

@@ -31,8 +31,12 @@ def repetitions(size: int, budget_bytes: int = 256 * MiB, low: int = 5, high: in
 
 def spread(samples_ns) -> dict:
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
-    return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
-            "min_ms": float(ms.min()), "n": int(ms.size)}
+    return {
+        "median_ms": float(np.median(ms)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "min_ms": float(ms.min()),
+        "n": int(ms.size),
+    }
 
 
 def gbps(size: int, seconds: float, ways: int = 2) -> float:
@@ -104,12 +108,18 @@ def time_protocol(rpc: RpcClient, size: int, warmup: int = 3) -> dict:
     calls = stats.methods["Echo"].calls
     rtt = spread([c.wall_ns for c in calls])
     median = lambda attr: float(np.median([getattr(c, attr) for c in calls])) / 1e6  # noqa: E731
-    rtt.update({
-        "client_serialize_ms": median("serialize_ns"), "client_deserialize_ms": median("deserialize_ns"),
-        "server_decode_ms": median("server_decode_ns"), "server_encode_ms": median("server_encode_ns"),
-        "bytes_per_call": calls[0].bytes_sent + calls[0].bytes_received,
-    })
-    codec = rtt["client_serialize_ms"] + rtt["client_deserialize_ms"] + rtt["server_decode_ms"] + rtt["server_encode_ms"]
+    rtt.update(
+        {
+            "client_serialize_ms": median("serialize_ns"),
+            "client_deserialize_ms": median("deserialize_ns"),
+            "server_decode_ms": median("server_decode_ns"),
+            "server_encode_ms": median("server_encode_ns"),
+            "bytes_per_call": calls[0].bytes_sent + calls[0].bytes_received,
+        }
+    )
+    codec = (
+        rtt["client_serialize_ms"] + rtt["client_deserialize_ms"] + rtt["server_decode_ms"] + rtt["server_encode_ms"]
+    )
     rtt["serialization_pct"] = 100 * codec / rtt["median_ms"] if rtt["median_ms"] else 0.0
     return rtt
 
@@ -130,5 +140,8 @@ def memcpy_bandwidth(size: int = 64 * MiB, repeat: int = 10) -> dict:
         t0 = time.perf_counter()
         src.copy()
         fresh.append(time.perf_counter() - t0)
-    return {"size_bytes": size, "reused_gbps": gbps(size, float(np.median(reused)), ways=1),
-            "fresh_gbps": gbps(size, float(np.median(fresh)), ways=1)}
+    return {
+        "size_bytes": size,
+        "reused_gbps": gbps(size, float(np.median(reused)), ways=1),
+        "fresh_gbps": gbps(size, float(np.median(fresh)), ways=1),
+    }

@@ -49,15 +49,17 @@ class RpcClient:
         return reply.result, out
 
     def exchange(self, method: str, frames: list) -> list:
-        for attempt in range(self.retries + 1):
+        for _ in range(self.retries + 1):
             self.socket.send_multipart(frames, copy=False)
             if self.socket.poll(self.timeout_ms, zmq.POLLIN):
                 return self.socket.recv_multipart(copy=False)
             self.connect()  # the REQ socket is stuck awaiting a reply: replace it
         tries = self.retries + 1
         hint = "; with CURVE on, check that this client's key is authorized" if self.curve_keys else ""
-        raise ServerUnavailable(f"no reply from {self.endpoint.url} to {method} "
-                                f"({tries} tr{'y' if tries == 1 else 'ies'} of {self.timeout_ms / 1000:g} s){hint}")
+        raise ServerUnavailable(
+            f"no reply from {self.endpoint.url} to {method} "
+            f"({tries} tr{'y' if tries == 1 else 'ies'} of {self.timeout_ms / 1000:g} s){hint}"
+        )
 
     def decode(self, frames: list) -> tuple[Reply, list[Tensor]]:
         header = unpack_header(frames[0])
@@ -80,12 +82,20 @@ class RpcClient:
             return
         ns = lambda ms: int(ms * 1e6)  # noqa: E731
         timing = reply.timing
-        stats.record(method, Call(
-            bytes_sent=frame_bytes(frames), bytes_received=frame_bytes(reply_frames),
-            wall_ns=t3 - t0, transfer_ns=t3 - t0 - ns(timing.compute_ms), compute_ns=ns(timing.compute_ms),
-            serialize_ns=t1 - t0, deserialize_ns=t3 - t2,
-            server_decode_ns=ns(timing.decode_ms), server_encode_ns=ns(timing.encode_ms),
-        ))
+        stats.record(
+            method,
+            Call(
+                bytes_sent=frame_bytes(frames),
+                bytes_received=frame_bytes(reply_frames),
+                wall_ns=t3 - t0,
+                transfer_ns=t3 - t0 - ns(timing.compute_ms),
+                compute_ns=ns(timing.compute_ms),
+                serialize_ns=t1 - t0,
+                deserialize_ns=t3 - t2,
+                server_decode_ns=ns(timing.decode_ms),
+                server_encode_ns=ns(timing.encode_ms),
+            ),
+        )
 
     # ---- the socket -------------------------------------------------------------------------
 
@@ -94,8 +104,11 @@ class RpcClient:
         if self.endpoint.transport == "ipc":
             state = probe_ipc(self.endpoint.path)
             if state != "live":
-                what = {"missing": "no socket file", "stale": "a stale socket file, no server behind it",
-                        "not-a-socket": "a file that is not a socket"}[state]
+                what = {
+                    "missing": "no socket file",
+                    "stale": "a stale socket file, no server behind it",
+                    "not-a-socket": "a file that is not a socket",
+                }[state]
                 raise ServerUnavailable(f"nothing listening at {self.endpoint.url} ({what}); is gpu-server running?")
 
     def connect(self) -> None:

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from gpu_server.settings import LlamaSettings, ModelSettings
+from gpu_server.settings import LlamaSettings, ModelSettings, require_together
 from protocol.endpoints import default_endpoint
 
 
@@ -17,17 +17,19 @@ class ClientSettings(LlamaSettings):
 
     @model_validator(mode="after")
     def curve_pair(self) -> "ClientSettings":
-        if (self.curve_secret_key is None) != (self.curve_server_key is None):
-            raise ValueError("CURVE needs both --curve-secret-key and --curve-server-key")
-        return self
+        return require_together(self, "curve_secret_key", "curve_server_key")
 
     def rpc_client(self, timeout_s: float | None = None, retries: int | None = None):
         from protocol.security import client_keys
         from tee_client.rpc import RpcClient
 
         keys = client_keys(self.curve_secret_key, self.curve_server_key) if self.curve_secret_key else None
-        return RpcClient(self.gpu_endpoint, self.rpc_timeout if timeout_s is None else timeout_s,
-                         self.rpc_retries if retries is None else retries, curve_keys=keys)
+        return RpcClient(
+            self.gpu_endpoint,
+            self.rpc_timeout if timeout_s is None else timeout_s,
+            self.rpc_retries if retries is None else retries,
+            curve_keys=keys,
+        )
 
 
 class PrefillSettings(ClientSettings, ModelSettings):

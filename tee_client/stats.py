@@ -39,13 +39,24 @@ class MethodStats:
     def summary(self) -> dict:
         rtt = np.array([c.wall_ns for c in self.calls]) / 1e6
         total = lambda attr: sum(getattr(c, attr) for c in self.calls) / 1e6  # noqa: E731
-        wire = total("wall_ns") - total("serialize_ns") - total("deserialize_ns") - total("compute_ns") \
-            - total("server_decode_ns") - total("server_encode_ns")
+        wire = (
+            total("wall_ns")
+            - total("serialize_ns")
+            - total("deserialize_ns")
+            - total("compute_ns")
+            - total("server_decode_ns")
+            - total("server_encode_ns")
+        )
         return {
             "calls": len(self.calls),
             "bytes_sent": sum(c.bytes_sent for c in self.calls),
             "bytes_received": sum(c.bytes_received for c in self.calls),
-            "rtt_ms": {"mean": rtt.mean(), "p50": np.percentile(rtt, 50), "p99": np.percentile(rtt, 99), "total": rtt.sum()},
+            "rtt_ms": {
+                "mean": rtt.mean(),
+                "p50": np.percentile(rtt, 50),
+                "p99": np.percentile(rtt, 99),
+                "total": rtt.sum(),
+            },
             "serialize_ms": total("serialize_ns"),
             "deserialize_ms": total("deserialize_ns"),
             "server_decode_ms": total("server_decode_ns"),
@@ -82,14 +93,23 @@ class Stats:
             "gpu_compute_ms": sum(c.compute_ns for c in forward) / 1e6,
             "tee_compute_ms": sum(self.tee_ns.values()) / 1e6,
         }
-        timing["other_ms"] = timing["total_ms"] - timing["transfer_ms"] - timing["gpu_compute_ms"] - timing["tee_compute_ms"]
+        timing["other_ms"] = (
+            timing["total_ms"] - timing["transfer_ms"] - timing["gpu_compute_ms"] - timing["tee_compute_ms"]
+        )
         to_gpu, to_cpu = sum(c.bytes_sent for c in forward), sum(c.bytes_received for c in forward)
         return {
             "rpc": rpc,
             "timing": timing,
-            "timing_percentage": {k.removesuffix("_ms"): 100 * v / max(timing["total_ms"], 1e-9)
-                                  for k, v in timing.items() if k != "total_ms"},
-            "data_transfer": {"to_gpu_mb": to_gpu / 1e6, "to_cpu_mb": to_cpu / 1e6, "total_mb": (to_gpu + to_cpu) / 1e6},
+            "timing_percentage": {
+                k.removesuffix("_ms"): 100 * v / max(timing["total_ms"], 1e-9)
+                for k, v in timing.items()
+                if k != "total_ms"
+            },
+            "data_transfer": {
+                "to_gpu_mb": to_gpu / 1e6,
+                "to_cpu_mb": to_cpu / 1e6,
+                "total_mb": (to_gpu + to_cpu) / 1e6,
+            },
             "operation_counts": {
                 "gpu": {m: len(s.calls) for m, s in self.methods.items() if m not in exclude and s.calls},
                 "tee": dict(self.tee_counts),

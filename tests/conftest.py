@@ -1,5 +1,6 @@
 import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from checkpoints import make_checkpoint
 from gpu_server.launch import ServerProcess
 from tee_client.cli import main as tee_client
+
+BIN = Path(sys.executable).parent  # the console scripts installed beside this interpreter
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +54,31 @@ def start_server(ipc_dir):
 def run_prefill_cli(endpoint: str, out_dir: Path, prompts: list[str], length: int, batch: int, *extra: str):
     """tee-client prefill through its CLI; returns (result dict, npz arrays)."""
     result, logits = out_dir / "result.json", out_dir / "logits.npz"
-    args = ["prefill", "--endpoint", endpoint, "--length", str(length), "--batch-size", str(batch),
-            "--output", str(result), "--save-logits", str(logits), "--warmup", "0", *extra]
+    args = [
+        "prefill",
+        "--endpoint",
+        endpoint,
+        "--length",
+        str(length),
+        "--batch-size",
+        str(batch),
+        "--output",
+        str(result),
+        "--save-logits",
+        str(logits),
+        "--warmup",
+        "0",
+        *extra,
+    ]
     for p in prompts:
         args += ["--prompt", p]
     assert tee_client(args) == 0
     return json.loads(result.read_text()), dict(np.load(logits))
 
 
-def reference_logits(folder: Path, input_ids: np.ndarray, attention_mask: np.ndarray, dtype=torch.float32) -> np.ndarray:
+def reference_logits(
+    folder: Path, input_ids: np.ndarray, attention_mask: np.ndarray, dtype=torch.float32
+) -> np.ndarray:
     """transformers' own LlamaForCausalLM forward on the same ids."""
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     with torch.no_grad():

@@ -26,7 +26,7 @@ def test_float32_logits_match_transformers(variant, checkpoints, start_server, t
     ids, mask = out["input_ids"], out["attention_mask"]
     expected = reference_tokens(folder, PROMPTS + PROMPTS[:1])
     assert result["actual_lengths"] == [min(len(e), length) for e in expected]
-    for row, tokens in zip(ids, expected):
+    for row, tokens in zip(ids, expected, strict=True):
         assert row[: min(len(tokens), length)].tolist() == tokens[:length]
     assert out["logits"].shape[:2] == (4, length) and out["logits"].dtype == np.float32
 
@@ -64,8 +64,9 @@ def test_embedded_smollm2_predicts_like_transformers(start_server, tmp_path):
     folder, _ = resolve_folder(embedded_model_path())
     reference = reference_logits(folder, out["input_ids"], out["attention_mask"])
     last = [n - 1 for n in result["actual_lengths"]]
-    assert [int(reference[i, j].argmax()) for i, j in enumerate(last)] == [p["next_token_id"] for p in result["predictions"]]
+    assert [int(reference[i, j].argmax()) for i, j in enumerate(last)] == [
+        p["next_token_id"] for p in result["predictions"]
+    ]
     assert result["predictions"][0]["next_token"] == " Paris"
     error = real_positions_max_error(out["logits"], reference, out["attention_mask"])
     assert error <= 1e-3, f"SmolLM2 max abs error {error:.2e}"
-

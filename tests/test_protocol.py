@@ -2,17 +2,14 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import BIN
 from protocol.wire import PROTOCOL_VERSION, TORCH_DTYPES, pack, unpack_header, unpack_tensors
 from protocol.messages import Request
 from tee_client.rpc import RpcClient
-
-BIN = Path(sys.executable).parent
 
 
 def awkward(dtype: torch.dtype) -> torch.Tensor:
@@ -20,7 +17,9 @@ def awkward(dtype: torch.dtype) -> torch.Tensor:
     if not dtype.is_floating_point:
         return torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=dtype)
     t = torch.randn(3, 5).to(dtype)
-    t.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, torch.finfo(dtype).tiny / 4]).to(dtype)
+    t.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, torch.finfo(dtype).tiny / 4]).to(
+        dtype
+    )
     return t
 
 
@@ -41,7 +40,7 @@ def test_every_dtype_crosses_a_real_server_bit_exactly(checkpoints, start_server
     with RpcClient(server.endpoint, timeout_s=10) as rpc:
         sent = [awkward(d) for d in TORCH_DTYPES.values()] + [torch.empty(0, 4), torch.randn(1 << 18)]  # + 1 MiB
         _, back = rpc.call("Echo", {}, sent)
-    for a, b in zip(sent, back):
+    for a, b in zip(sent, back, strict=True):
         assert torch.equal(a.view(torch.uint8), b.to(a.dtype).view(torch.uint8))
 
 
@@ -49,19 +48,31 @@ def test_settings_come_from_the_environment(checkpoints, ipc_dir, tmp_path):
     """gpu-server and tee-client configured by LLAMA_* variables alone, no flags."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The capital of France is\n\nRotary position\n")
-    env = {"LLAMA_MODEL_PATH": str(checkpoints("gqa")), "LLAMA_GPU_ENDPOINT": f"ipc://{ipc_dir}/env.ipc",
-           "LLAMA_GPU_DEVICE": "cpu", "LLAMA_DTYPE": "bfloat16", "LLAMA_PREFILL_LENGTH": "12",
-           "LLAMA_TEE_BATCH_SIZE": "3", "LLAMA_PROMPT_PATH": str(prompts),
-           "LLAMA_TEE_RESULT_PATH": str(tmp_path / "r.json"), "LLAMA_WARMUP": "0"}
+    env = {
+        "LLAMA_MODEL_PATH": str(checkpoints("gqa")),
+        "LLAMA_GPU_ENDPOINT": f"ipc://{ipc_dir}/env.ipc",
+        "LLAMA_GPU_DEVICE": "cpu",
+        "LLAMA_DTYPE": "bfloat16",
+        "LLAMA_PREFILL_LENGTH": "12",
+        "LLAMA_TEE_BATCH_SIZE": "3",
+        "LLAMA_PROMPT_PATH": str(prompts),
+        "LLAMA_TEE_RESULT_PATH": str(tmp_path / "r.json"),
+        "LLAMA_WARMUP": "0",
+    }
     from gpu_server.launch import ServerProcess
 
     with ServerProcess(env["LLAMA_GPU_ENDPOINT"], env=env) as server:
         assert "dtype bfloat16" in server.log
-        run = subprocess.run([BIN / "tee-client", "prefill"], env={**server.env}, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [BIN / "tee-client", "prefill"], env={**server.env}, capture_output=True, text=True, timeout=120
+        )
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert (result["prefill_length"], result["batch_size"], result["dtype"]) == (12, 3, "bfloat16")
-    assert [p["prompt"] for p in result["predictions"]] == ["The capital of France is", "Rotary position",
-                                                             "The capital of France is"]
+    assert [p["prompt"] for p in result["predictions"]] == [
+        "The capital of France is",
+        "Rotary position",
+        "The capital of France is",
+    ]
     assert result["total_tokens"] == 36 and result["throughput_tokens_per_sec"] > 0
     assert "->" in run.stdout  # the human-readable summary

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,21 +14,43 @@ import torch
 import zmq
 from hypothesis import given, settings, strategies as st
 
-from conftest import reference_logits, run_prefill_cli
+from conftest import BIN, reference_logits, run_prefill_cli
 from gpu_server.launch import ServerProcess
 from protocol.errors import ServerUnavailable
 from protocol.messages import ITEMSIZE
 from protocol.wire import PROTOCOL_VERSION
 from tee_client.rpc import RpcClient
 
-BIN = Path(sys.executable).parent
 PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys and values"]
 
 
 def start_client(endpoint: str, out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([BIN / "tee-client", "prefill", "--endpoint", endpoint, "--length", "32", "--batch-size", "2",
-                             "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--warmup", "0", "--output", str(out / "r.json"),
-                             "--save-logits", str(out / "l.npz"), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            BIN / "tee-client",
+            "prefill",
+            "--endpoint",
+            endpoint,
+            "--length",
+            "32",
+            "--batch-size",
+            "2",
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[1],
+            "--warmup",
+            "0",
+            "--output",
+            str(out / "r.json"),
+            "--save-logits",
+            str(out / "l.npz"),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def crash_and_replace(server: ServerProcess, client: subprocess.Popen, model: Path) -> ServerProcess:
@@ -81,7 +102,9 @@ def test_deadline_times_retries_bounds_a_dead_server():
         port = silent.bind_to_random_port("tcp://127.0.0.1")
         client = RpcClient(f"tcp://127.0.0.1:{port}", timeout_s=0.4, retries=2)
         t0 = time.monotonic()
-        with pytest.raises(ServerUnavailable, match=r"no reply from tcp://127\.0\.0\.1:\d+ to Ping \(3 tries of 0\.4 s\)"):
+        with pytest.raises(
+            ServerUnavailable, match=r"no reply from tcp://127\.0\.0\.1:\d+ to Ping \(3 tries of 0\.4 s\)"
+        ):
             client.call("Ping")
         elapsed = time.monotonic() - t0
         client.close()
@@ -108,7 +131,10 @@ def test_oversize_message_is_dropped_and_the_server_carries_on(checkpoints, star
 
 # ---- fuzzing -------------------------------------------------------------------------------
 
-F32 = lambda *shape: ({"dtype": "float32", "shape": list(shape)}, np.random.default_rng(0).standard_normal(shape, dtype=np.float32).tobytes())  # noqa: E731
+F32 = lambda *shape: (
+    {"dtype": "float32", "shape": list(shape)},
+    np.random.default_rng(0).standard_normal(shape, dtype=np.float32).tobytes(),
+)  # noqa: E731
 TEMPLATES = [
     ("Ping", {}, []),
     ("Init", {}, []),
@@ -127,9 +153,30 @@ ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # what msgpac
 def mutated_request(draw) -> list[bytes]:
     method, args, tensors = draw(st.sampled_from(TEMPLATES))
     specs, frames = [dict(s) for s, _ in tensors], [b for _, b in tensors]
-    header = {"v": PROTOCOL_VERSION, "id": draw(st.integers(0, 1 << 31)), "method": method, "args": dict(args), "tensors": specs}
-    mutation = draw(st.sampled_from(["none", "shape", "dtype", "frames", "truncate", "nan", "version", "method",
-                                     "args", "field", "header_bytes"]))
+    header = {
+        "v": PROTOCOL_VERSION,
+        "id": draw(st.integers(0, 1 << 31)),
+        "method": method,
+        "args": dict(args),
+        "tensors": specs,
+    }
+    mutation = draw(
+        st.sampled_from(
+            [
+                "none",
+                "shape",
+                "dtype",
+                "frames",
+                "truncate",
+                "nan",
+                "version",
+                "method",
+                "args",
+                "field",
+                "header_bytes",
+            ]
+        )
+    )
     if mutation == "shape" and specs:
         specs[draw(st.integers(0, len(specs) - 1))]["shape"] = draw(st.lists(dims, max_size=9))
     elif mutation == "dtype" and specs:
@@ -139,14 +186,19 @@ def mutated_request(draw) -> list[bytes]:
     elif mutation == "truncate" and frames:
         frames[-1] = frames[-1][: draw(st.integers(0, max(len(frames[-1]) - 1, 0)))]
     elif mutation == "nan" and frames and specs[0]["dtype"] == "float32":
-        frames[0] = np.full(len(frames[0]) // 4, draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38])), np.float32).tobytes()
+        frames[0] = np.full(
+            len(frames[0]) // 4, draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38])), np.float32
+        ).tobytes()
     elif mutation == "version":
         header["v"] = draw(st.one_of(ints, st.text(max_size=3), st.none()))
     elif mutation == "method":
         header["method"] = draw(st.one_of(st.text(max_size=12), ints))
     elif mutation == "args":
-        header["args"] = draw(st.dictionaries(st.text(max_size=8), st.one_of(ints, st.text(max_size=4),
-                                                                             st.lists(ints, max_size=3)), max_size=3))
+        header["args"] = draw(
+            st.dictionaries(
+                st.text(max_size=8), st.one_of(ints, st.text(max_size=4), st.lists(ints, max_size=3)), max_size=3
+            )
+        )
     elif mutation == "field":
         del header[draw(st.sampled_from(["v", "id", "method", "tensors"]))]
     packed = msgpack.packb(header)
@@ -173,14 +225,20 @@ def test_fuzzed_requests_get_replies_and_leave_the_server_correct(checkpoints, s
         header = msgpack.unpackb(reply[0])
         if header["ok"]:
             counts["ok"] += 1
-            assert [len(f) for f in reply[1:]] == [int(np.prod(t["shape"])) * ITEMSIZE[t["dtype"]] for t in header["tensors"]]
+            assert [len(f) for f in reply[1:]] == [
+                int(np.prod(t["shape"])) * ITEMSIZE[t["dtype"]] for t in header["tensors"]
+            ]
         else:
             counts["error"] += 1
             assert header["error"]["type"] and header["error"]["message"]
 
     method, args, tensors = TEMPLATES[4]
-    valid = [msgpack.packb({"v": PROTOCOL_VERSION, "id": 1, "method": method, "args": args,
-                            "tensors": [s for s, _ in tensors]}), *(b for _, b in tensors)]
+    valid = [
+        msgpack.packb(
+            {"v": PROTOCOL_VERSION, "id": 1, "method": method, "args": args, "tensors": [s for s, _ in tensors]}
+        ),
+        *(b for _, b in tensors),
+    ]
     for _ in range(50):  # warm the allocator before measuring memory
         send(valid)
     before = rss_mb(server.proc.pid)
@@ -192,7 +250,10 @@ def test_fuzzed_requests_get_replies_and_leave_the_server_correct(checkpoints, s
 
     _, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, 24, 2)
     real = out["attention_mask"].astype(bool)
-    assert np.abs(out["logits"][real] - reference_logits(folder, out["input_ids"], out["attention_mask"])[real]).max() <= 1e-4
+    assert (
+        np.abs(out["logits"][real] - reference_logits(folder, out["input_ids"], out["attention_mask"])[real]).max()
+        <= 1e-4
+    )
 
 
 # ---- several clients -------------------------------------------------------------------------
@@ -205,9 +266,32 @@ def test_four_concurrent_prefills_each_get_correct_logits(checkpoints, start_ser
     for i in range(4):
         out = tmp_path / str(i)
         out.mkdir()
-        runs.append((out, subprocess.Popen([BIN / "tee-client", "prefill", "--endpoint", server.endpoint, "--length", str(16 + 8 * i),
-                                            "--prompt", PROMPTS[i % 2] * (i + 1), "--repeat", "5", "--warmup", "0",
-                                            "--save-logits", str(out / "l.npz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        runs.append(
+            (
+                out,
+                subprocess.Popen(
+                    [
+                        BIN / "tee-client",
+                        "prefill",
+                        "--endpoint",
+                        server.endpoint,
+                        "--length",
+                        str(16 + 8 * i),
+                        "--prompt",
+                        PROMPTS[i % 2] * (i + 1),
+                        "--repeat",
+                        "5",
+                        "--warmup",
+                        "0",
+                        "--save-logits",
+                        str(out / "l.npz"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
     for out, proc in runs:
         _, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import run_prefill_cli
-from gpu_server.launch import ServerProcess
+from gpu_server.launch import ServerProcess, free_tcp_port
 from protocol.errors import ServerUnavailable
 from protocol.security import client_keys, keygen
 from tee_client.rpc import RpcClient
@@ -31,8 +31,13 @@ else:
 
 
 def connect_as_nobody(path: Path) -> str:
-    run = subprocess.run(["/usr/bin/python3", "-c", CONNECT_AS_OTHER_USER, str(path)],
-                         user=NOBODY, capture_output=True, text=True, timeout=30)
+    run = subprocess.run(
+        ["/usr/bin/python3", "-c", CONNECT_AS_OTHER_USER, str(path)],
+        user=NOBODY,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return run.stdout.strip() or run.stderr
 
 
@@ -41,8 +46,9 @@ def test_default_ipc_socket_is_private(checkpoints):
         os.chmod(runtime, 0o755)  # anyone may traverse it: only the server's own folder and socket protect it
         folder = Path(runtime) / f"tsqp-{os.getuid()}"
         sock = folder / "gpu-server.ipc"
-        with ServerProcess(f"ipc://{sock}", "--device", "cpu", "--model", str(checkpoints("gqa")),
-                           env={"XDG_RUNTIME_DIR": runtime}):
+        with ServerProcess(
+            f"ipc://{sock}", "--device", "cpu", "--model", str(checkpoints("gqa")), env={"XDG_RUNTIME_DIR": runtime}
+        ):
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700
             assert stat.S_IMODE(sock.stat().st_mode) == 0o600
             if os.geteuid() == 0:  # root can act as another user, so check that one really is refused
@@ -52,14 +58,10 @@ def test_default_ipc_socket_is_private(checkpoints):
                 assert connect_as_nobody(sock) == "connected"  # the control: opened up, the check does fail
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_binding_beyond_loopback_without_curve_warns(checkpoints):
-    with ServerProcess(f"tcp://0.0.0.0:{free_port()}", "--device", "cpu", "--model", str(checkpoints("gqa"))) as server:
+    with ServerProcess(
+        f"tcp://0.0.0.0:{free_tcp_port()}", "--device", "cpu", "--model", str(checkpoints("gqa"))
+    ) as server:
         assert "WARNING" in server.log and "CURVE is off" in server.log
 
 
@@ -76,16 +78,32 @@ def keys(tmp_path) -> Path:
 
 
 def curve_server(checkpoints, keys: Path, port: int) -> ServerProcess:
-    return ServerProcess(f"tcp://127.0.0.1:{port}", "--device", "cpu", "--model", str(checkpoints("gqa")),
-                         "--curve-secret-key", str(keys / "server.key_secret"),
-                         "--curve-authorized-keys", str(keys / "authorized"))
+    return ServerProcess(
+        f"tcp://127.0.0.1:{port}",
+        "--device",
+        "cpu",
+        "--model",
+        str(checkpoints("gqa")),
+        "--curve-secret-key",
+        str(keys / "server.key_secret"),
+        "--curve-authorized-keys",
+        str(keys / "authorized"),
+    )
 
 
 def test_curve_admits_the_authorized_client_only(checkpoints, keys, tmp_path):
-    with curve_server(checkpoints, keys, free_port()) as server:
-        result, out = run_prefill_cli(server.endpoint, tmp_path, ["The capital of France is"], 12, 1,
-                                      "--curve-secret-key", str(keys / "client.key_secret"),
-                                      "--curve-server-key", str(keys / "server.key"))
+    with curve_server(checkpoints, keys, free_tcp_port()) as server:
+        result, out = run_prefill_cli(
+            server.endpoint,
+            tmp_path,
+            ["The capital of France is"],
+            12,
+            1,
+            "--curve-secret-key",
+            str(keys / "client.key_secret"),
+            "--curve-server-key",
+            str(keys / "server.key"),
+        )
         assert result["model"] == "gqa" and out["logits"].shape[:2] == (1, 12)
 
         intruder = client_keys(str(keys / "intruder.key_secret"), str(keys / "server.key"))
@@ -122,9 +140,12 @@ SECRET = torch.frombuffer(bytearray(b"TSQP-PLAINTEXT!!" * 4096), dtype=torch.flo
 
 @pytest.mark.parametrize("curve", [True, False])
 def test_curve_encrypts_the_tensors_on_the_wire(curve, checkpoints, keys):
-    port = free_port()
-    launch = curve_server(checkpoints, keys, port) if curve else \
-        ServerProcess(f"tcp://127.0.0.1:{port}", "--device", "cpu", "--model", str(checkpoints("gqa")))
+    port = free_tcp_port()
+    launch = (
+        curve_server(checkpoints, keys, port)
+        if curve
+        else ServerProcess(f"tcp://127.0.0.1:{port}", "--device", "cpu", "--model", str(checkpoints("gqa")))
+    )
     with launch:
         proxy = RecordingProxy(port)
         curve_keys = client_keys(str(keys / "client.key_secret"), str(keys / "server.key")) if curve else None

@@ -3,17 +3,14 @@
 import os
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
+from conftest import BIN
 from protocol.wire import PROTOCOL_VERSION
-
-BIN = Path(sys.executable).parent  # the console scripts installed beside this interpreter
 
 
 def request(method: str, args: dict | None = None, tensors=(), **header) -> list:
@@ -51,7 +48,10 @@ MALFORMED = {
     "unknown module": (request("Linear", {"layer": 0, "names": ["x_proj"]}, [f32(1, 64)]), "BadRequest"),
     "layer out of range": (request("Linear", {"layer": 99, "names": ["q_proj"]}, [f32(1, 64)]), "UnknownModule"),
     "wrong last dim": (request("Linear", {"layer": 0, "names": ["q_proj"]}, [f32(1, 65)]), "BadShape"),
-    "wrong dtype": (request("Linear", {"layer": 0, "names": ["q_proj"]}, [("float16", [1, 64], bytes(128))]), "BadShape"),
+    "wrong dtype": (
+        request("Linear", {"layer": 0, "names": ["q_proj"]}, [("float16", [1, 64], bytes(128))]),
+        "BadShape",
+    ),
     "unknown dtype": (request("LMHead", {}, [("float64", [1, 64], bytes(512))]), "BadRequest"),
     "missing frame": (request("LMHead", {}, [f32(1, 64)])[:1], "BadShape"),
     "lying byte length": (request("LMHead", {}, [("float32", [1, 64], bytes(100))]), "BadShape"),
@@ -72,7 +72,9 @@ def test_malformed_requests_get_error_replies_and_server_keeps_serving(checkpoin
         assert header["error"]["message"], name
     header, _ = raw_call(server.endpoint, request("Ping"))
     assert header["ok"] and header["result"]["errors"] == len(MALFORMED)
-    header, frames = raw_call(server.endpoint, request("Linear", {"layer": 1, "names": ["q_proj", "k_proj"]}, [f32(3, 64)]))
+    header, frames = raw_call(
+        server.endpoint, request("Linear", {"layer": 1, "names": ["q_proj", "k_proj"]}, [f32(3, 64)])
+    )
     assert header["ok"] and [t["shape"] for t in header["tensors"]] == [[3, 64], [3, 32]]
     assert [len(f) for f in frames] == [3 * 64 * 4, 3 * 32 * 4]
     assert server.proc.poll() is None
@@ -106,31 +108,43 @@ def test_stale_socket_file_does_not_block_start(checkpoints, start_server, ipc_d
 def test_live_server_on_the_endpoint_refuses_a_second(checkpoints, start_server):
     first = start_server("--model", str(checkpoints("gqa")))
     t0 = time.monotonic()
-    second = subprocess.run([BIN / "gpu-server", "--endpoint", first.endpoint, "--device", "cpu", "--model",
-                             str(checkpoints("gqa"))], capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [BIN / "gpu-server", "--endpoint", first.endpoint, "--device", "cpu", "--model", str(checkpoints("gqa"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode != 0
     assert "already listening" in second.stderr and "Traceback" not in second.stderr
     assert time.monotonic() - t0 < 30  # refused before loading a model
     assert raw_call(first.endpoint, request("Ping"))[0]["ok"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model"], "does not exist"),
-    (["--dtype", "float64"], "invalid choice"),
-    (["--endpoint", "localhost:50051"], "names no transport"),
-    (["--device", "tpu"], "use cpu, cuda"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--dtype", "float64"], "invalid choice"),
+        (["--endpoint", "localhost:50051"], "names no transport"),
+        (["--device", "tpu"], "use cpu, cuda"),
+    ],
+)
 def test_bad_server_arguments_give_one_clear_line(args, message, ipc_dir):
-    run = subprocess.run([BIN / "gpu-server", "--endpoint", f"ipc://{ipc_dir}/x.ipc", *args],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [BIN / "gpu-server", "--endpoint", f"ipc://{ipc_dir}/x.ipc", *args], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode != 0
     assert message in run.stderr and "Traceback" not in run.stderr
 
 
 def test_client_against_nothing_fails_fast_with_one_line(ipc_dir):
     t0 = time.monotonic()
-    run = subprocess.run([BIN / "tee-client", "prefill", "--endpoint", f"ipc://{ipc_dir}/none.ipc"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [BIN / "tee-client", "prefill", "--endpoint", f"ipc://{ipc_dir}/none.ipc"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 1
     assert "nothing listening" in run.stderr and "Traceback" not in run.stderr
     assert len(run.stderr.strip().splitlines()) == 1
@@ -143,8 +157,21 @@ def test_client_against_a_silent_tcp_port_gives_up_after_its_retries():
         s.listen()
         port = s.getsockname()[1]
         t0 = time.monotonic()
-        run = subprocess.run([BIN / "tee-client", "prefill", "--endpoint", f"tcp://127.0.0.1:{port}",
-                              "--timeout", "0.5", "--retries", "1"], capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            [
+                BIN / "tee-client",
+                "prefill",
+                "--endpoint",
+                f"tcp://127.0.0.1:{port}",
+                "--timeout",
+                "0.5",
+                "--retries",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         elapsed = time.monotonic() - t0
     assert run.returncode == 1
     assert "no reply from tcp://127.0.0.1" in run.stderr and "2 tries" in run.stderr

@@ -3,14 +3,12 @@
 import json
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 from transformers import AutoConfig
 
-from conftest import run_prefill_cli
+from conftest import BIN, run_prefill_cli
+from gpu_server.launch import ServerProcess, free_tcp_port
 
-BIN = Path(sys.executable).parent
 HEADER_MAX = 400  # bytes of msgpack header per message, generously
 
 
@@ -19,11 +17,15 @@ def expected_tensor_bytes(c, bsz: int, seqlen: int) -> dict[str, tuple[int, int]
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     tokens, hidden, inter = bsz * seqlen, c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
-    per_layer_linear = (tokens * (hidden + q + hidden + inter),  # x for qkv, attn out for o, x for gate/up, h for down
-                        tokens * (q + 2 * kv + hidden + 2 * inter + hidden))
+    per_layer_linear = (
+        tokens * (hidden + q + hidden + inter),  # x for qkv, attn out for o, x for gate/up, h for down
+        tokens * (q + 2 * kv + hidden + 2 * inter + hidden),
+    )
     scores = bsz * c.num_attention_heads * seqlen * seqlen
-    per_layer_matmul = (tokens * (q + kv) + scores + tokens * kv,  # q, k; probs, v
-                        scores + tokens * q)
+    per_layer_matmul = (
+        tokens * (q + kv) + scores + tokens * kv,  # q, k; probs, v
+        scores + tokens * q,
+    )
     layers = c.num_hidden_layers
     return {
         "Embedding": (tokens * 8, tokens * hidden * 4),
@@ -53,15 +55,27 @@ def test_stats_match_what_crossed(checkpoints, start_server, tmp_path):
     assert round(data["to_gpu_mb"] * 1e6) == sum(rpc[m]["bytes_sent"] for m in calls)
     assert round(data["to_cpu_mb"] * 1e6) == sum(rpc[m]["bytes_received"] for m in calls)
     assert result["operation_counts"]["gpu"] == calls
-    assert result["operation_counts"]["tee"] == {"rope_tables": 1, "mask": 1, "rmsnorm": 2 * layers + 1,
-                                                 "rope": 2 * layers, "softmax": layers, "silu": layers,
-                                                 "residual": 2 * layers}
+    assert result["operation_counts"]["tee"] == {
+        "rope_tables": 1,
+        "mask": 1,
+        "rmsnorm": 2 * layers + 1,
+        "rope": 2 * layers,
+        "softmax": layers,
+        "silu": layers,
+        "residual": 2 * layers,
+    }
 
     for m in calls:
         r = rpc[m]
         assert 0 < r["rtt_ms"]["p50"] <= r["rtt_ms"]["p99"] <= r["rtt_ms"]["total"] + 1e-9
         assert abs(r["rtt_ms"]["mean"] * r["calls"] - r["rtt_ms"]["total"]) < 1e-6 * r["rtt_ms"]["total"] + 1e-9
-        parts = r["serialize_ms"] + r["deserialize_ms"] + r["server_decode_ms"] + r["server_compute_ms"] + r["server_encode_ms"]
+        parts = (
+            r["serialize_ms"]
+            + r["deserialize_ms"]
+            + r["server_decode_ms"]
+            + r["server_compute_ms"]
+            + r["server_encode_ms"]
+        )
         assert parts <= r["rtt_ms"]["total"] and r["wire_and_queue_ms"] >= 0
 
     t = result["timing"]
@@ -74,8 +88,9 @@ def test_stats_match_what_crossed(checkpoints, start_server, tmp_path):
 
 
 def diagnose(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "diagnose-transport", "--max-size-mb", "1", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [BIN / "diagnose-transport", "--max-size-mb", "1", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_diagnose_against_a_live_server(checkpoints, start_server):
@@ -111,13 +126,10 @@ def test_diagnose_against_a_stale_socket_file(ipc_dir):
     assert any(f.startswith("stale socket file") for f in report["findings"])
 
 
-def test_diagnose_over_tcp_recommends_ipc(checkpoints, ipc_dir):
-    from gpu_server.launch import ServerProcess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with ServerProcess(f"tcp://127.0.0.1:{port}", "--device", "cpu", "--model", str(checkpoints("gqa"))) as server:
+def test_diagnose_over_tcp_compares_with_ipc(checkpoints, ipc_dir):
+    with ServerProcess(
+        f"tcp://127.0.0.1:{free_tcp_port()}", "--device", "cpu", "--model", str(checkpoints("gqa"))
+    ) as server:
         run = diagnose("--endpoint", server.endpoint, "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
