@@ -1,15 +1,18 @@
 """Prefill on the embedded model: the split (ipc, tcp), passthrough, tee-only and transformers.
 
-Every placement runs the same prompts at the same lengths: the three TSQP backends through
-tee_client.prefill (one model file, different ops objects), and transformers' own
-LlamaForCausalLM forward in this process as the reference. Each point is the median of
---runs timed forwards after --warmup untimed ones; the time breakdown is that median run's.
+Every placement runs the same ids: the TSQP Llama forward on four ops objects (remote over
+ipc, remote over tcp, passthrough, tee-only: one model file, different backends), and
+transformers' own LlamaForCausalLM forward in this process as the reference. After --warmup
+untimed forwards each, --runs rounds visit every placement once, so drift on a shared host
+hits all five alike; each point is a median, its time breakdown that median run's.
 """
 
 import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 
 import matplotlib
 
@@ -17,87 +20,103 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
-from gpu_server.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
+from gpu_server.checkpoint import embedded_model_path, load_checkpoint, resolve_folder  # noqa: E402
+from gpu_server.engine import Engine  # noqa: E402
 from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
-from tee_client.prefill import encode_batch, run_prefill  # noqa: E402
-from tee_client.settings import PrefillSettings  # noqa: E402
+from tee_client.backends import LocalOps, RemoteOps  # noqa: E402
+from tee_client.model import Llama  # noqa: E402
+from tee_client.prefill import encode_batch  # noqa: E402
+from tee_client.rpc import RpcClient  # noqa: E402
+from tee_client.stats import Stats  # noqa: E402
 
 PROMPT = "The capital of France is Paris. " * 200  # long enough to fill every length: no padding
 POINTS = [(128, 1), (256, 1), (512, 1), (1024, 1), (256, 4)]
 PLACEMENTS = ["remote ipc", "remote tcp", "passthrough", "tee-only", "transformers"]
 
 
-def tsqp_point(backend: str, endpoint: str, length: int, batch: int, args) -> dict:
-    settings = PrefillSettings(
-        backend=backend,
-        gpu_endpoint=endpoint,
-        prefill_length=length,
-        tee_batch_size=batch,
-        prompt=[PROMPT],
-        warmup=args.warmup,
-        repeat=args.runs,
-        gpu_device=args.device,
-    )
-    result, *_ = run_prefill(settings)
+def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack) -> dict:
+    """name -> forward(input_ids, attention_mask): the same Llama on four ops objects, and transformers."""
+    from transformers import LlamaForCausalLM
+
+    def tsqp(ops) -> Callable:
+        stack.callback(ops.close)
+        return Llama(ops.init(), ops).forward
+
+    def local(on: torch.device) -> Callable:
+        return tsqp(LocalOps(Engine(load_checkpoint(None, torch.float32, on))))
+
+    folder, _ = resolve_folder(embedded_model_path())
+    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+
+    @torch.inference_mode()
+    def transformers_forward(input_ids, attention_mask):
+        out = reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        return out.to("cpu")  # the same ending as the TSQP placements: logits in host memory
+
     return {
-        "median_s": result["time_seconds"],
-        "runs_s": result["runs_seconds"],
-        "timing": result["timing"],
-        "data_mb": result["data_transfer"]["total_mb"],
+        "remote ipc": tsqp(RemoteOps(RpcClient(ipc, timeout_s=300))),
+        "remote tcp": tsqp(RemoteOps(RpcClient(tcp, timeout_s=300))),
+        "passthrough": local(device),
+        "tee-only": local(torch.device("cpu")),
+        "transformers": transformers_forward,
     }
 
 
-def transformers_point(model, tokenizer, length: int, batch: int, args) -> dict:
-    ids, mask, _ = encode_batch(tokenizer, [PROMPT], batch, length)
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    runs = []
-    with torch.inference_mode():
-        for i in range(args.warmup + args.runs):
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                runs.append(time.perf_counter() - t0)
-    return {"median_s": float(np.median(runs)), "runs_s": runs, "timing": None, "data_mb": 0.0}
-
-
 def measure(args) -> dict:
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    folder, _ = resolve_folder(embedded_model_path())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     points = []
-    with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp, ExitStack() as stack:
         ipc, tcp = f"ipc://{tmp}/s.ipc", f"tcp://127.0.0.1:{free_tcp_port()}"
-        server_args = ("--device", str(device))
-        with ServerProcess(ipc, *server_args), ServerProcess(tcp, *server_args):
-            for length, batch in POINTS:
-                row = {
-                    "length": length,
-                    "batch": batch,
-                    "placements": {
-                        "remote ipc": tsqp_point("remote", ipc, length, batch, args),
-                        "remote tcp": tsqp_point("remote", tcp, length, batch, args),
-                        "passthrough": tsqp_point("passthrough", ipc, length, batch, args),
-                        "tee-only": tsqp_point("tee-only", ipc, length, batch, args),
-                        "transformers": transformers_point(reference, tokenizer, length, batch, args),
-                    },
-                }
-                reference_s = row["placements"]["transformers"]["median_s"]
-                for p in row["placements"].values():
-                    p["ratio_to_transformers"] = p["median_s"] / reference_s
-                points.append(row)
-                print(
-                    f"  length {length} batch {batch}: "
-                    + ", ".join(f"{k} {v['median_s'] * 1e3:.0f} ms" for k, v in row["placements"].items()),
-                    flush=True,
-                )
+        for url in (ipc, tcp):
+            stack.enter_context(ServerProcess(url, "--device", str(device)))
+        forwards = placements(ipc, tcp, device, stack)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
+        for length, batch in POINTS:
+            ids, mask, _ = encode_batch(tokenizer, [PROMPT], batch, length)
+            for forward in forwards.values():
+                for _ in range(args.warmup):
+                    forward(ids, mask)
+            runs = {name: [] for name in forwards}
+            for _ in range(args.runs):  # interleaved: each round visits every placement once
+                for name, forward in forwards.items():
+                    runs[name].append(timed_forward(forward, ids, mask, device))
+            points.append({"length": length, "batch": batch, "placements": summarize(runs)})
+            print(
+                f"  length {length} batch {batch}: "
+                + ", ".join(f"{k} {v['median_s'] * 1e3:.0f} ms" for k, v in points[-1]["placements"].items()),
+                flush=True,
+            )
     return {"device": str(device), "warmup": args.warmup, "runs": args.runs, "points": points}
+
+
+def timed_forward(forward, ids, mask, device) -> tuple[float, Stats]:
+    stats = Stats()
+    with stats.recording():
+        t0 = time.perf_counter_ns()
+        forward(ids, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter_ns() - t0) / 1e9, stats
+
+
+def summarize(runs: dict) -> dict:
+    out = {}
+    for name, timed in runs.items():
+        seconds = [t for t, _ in timed]
+        median_s, stats = sorted(timed, key=lambda r: r[0])[len(timed) // 2]
+        summary = stats.summary(int(median_s * 1e9)) if stats.methods else None
+        out[name] = {
+            "median_s": median_s,
+            "runs_s": seconds,
+            "timing": summary and summary["timing"],
+            "data_mb": summary["data_transfer"]["total_mb"] if summary else 0.0,
+        }
+    for p in out.values():
+        p["ratio_to_transformers"] = p["median_s"] / out["transformers"]["median_s"]
+    return out
 
 
 def plot(data: dict) -> None:

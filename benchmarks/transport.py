@@ -2,12 +2,14 @@
 
 Four lines on one log-log plot: {ipc, tcp://127.0.0.1} x {raw REQ/REP echo, protocol Echo}.
 Both layers cross a process boundary: raw into a zmq-only echo process, protocol into a real
-gpu-server. Each size is timed after 3 warm-up round trips, over enough repetitions (5 to 300,
-bounded by the bytes moved); medians and p99 are reported.
+gpu-server. All four run at once and each size is timed in five rounds that visit the four in
+turn (3 warm-up round trips each time), over 5 to 300 repetitions in all, bounded by the bytes
+moved; medians and p99 are reported, and ratios compare numbers from the same rounds.
 """
 
 import sys
 import tempfile
+from contextlib import ExitStack
 
 import matplotlib
 
@@ -21,17 +23,29 @@ from tee_client.diagnose import human  # noqa: E402
 from tee_client.rpc import RpcClient  # noqa: E402
 
 
-def measure(tmp: str, sizes: list[int]) -> dict:
-    urls = {
-        "ipc": (f"ipc://{tmp}/proto.ipc", f"ipc://{tmp}/raw.ipc"),
-        "tcp": (f"tcp://127.0.0.1:{free_tcp_port()}", "tcp://127.0.0.1:0"),
-    }
-    series = {}
-    for transport, (proto_url, raw_url) in urls.items():
-        with probe.raw_echo_server(raw_url) as bound:
-            series[f"{transport} raw"] = [{"size": s, **probe.spread(probe.time_raw(bound, s))} for s in sizes]
-        with ServerProcess(proto_url, "--device", "cpu"), RpcClient(proto_url, timeout_s=60) as rpc:
-            series[f"{transport} protocol"] = [{"size": s, **probe.time_protocol(rpc, s)} for s in sizes]
+def measure(tmp: str, sizes: list[int], rounds: int = 5) -> dict:
+    """All four endpoints stay up; each size is timed in `rounds` rounds that visit every series
+    in turn, so drift on a shared host hits all four alike."""
+    with ExitStack() as stack:
+        raw = {
+            t: stack.enter_context(probe.raw_echo_server(u))
+            for t, u in (("ipc", f"ipc://{tmp}/raw.ipc"), ("tcp", "tcp://127.0.0.1:0"))
+        }
+        proto_urls = {"ipc": f"ipc://{tmp}/proto.ipc", "tcp": f"tcp://127.0.0.1:{free_tcp_port()}"}
+        for url in proto_urls.values():
+            stack.enter_context(ServerProcess(url, "--device", "cpu"))
+        rpc = {t: stack.enter_context(RpcClient(u, timeout_s=60)) for t, u in proto_urls.items()}
+        series = {f"{t} {layer}": [] for t in ("ipc", "tcp") for layer in ("raw", "protocol")}
+        for size in sizes:
+            n = max(1, probe.repetitions(size) // rounds)
+            samples = {name: [] for name in series}
+            for _ in range(rounds):
+                for t in ("ipc", "tcp"):
+                    samples[f"{t} raw"] += probe.time_raw(raw[t], size, n)
+                    samples[f"{t} protocol"] += probe.time_protocol(rpc[t], size, n)
+            for name, got in samples.items():
+                summary = probe.summarize_calls(got) if "protocol" in name else probe.spread(got)
+                series[name].append({"size": size, **summary})
     return series
 
 

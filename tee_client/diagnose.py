@@ -75,7 +75,8 @@ def server_side(settings: ClientSettings, timeout_s: float, sizes: list[int], no
     try:
         with settings.rpc_client(timeout_s=timeout_s, retries=0) as rpc:
             server = rpc.call("Ping")[0]
-            return server, [{"size": s, **probe.time_protocol(rpc, s)} for s in sizes]
+            timed = [probe.summarize_calls(probe.time_protocol(rpc, s, probe.repetitions(s))) for s in sizes]
+            return server, [{"size": s, **t} for s, t in zip(sizes, timed, strict=True)]
     except ServerUnavailable as e:
         notes.append(f"nothing answers: {e}")
     except RemoteError as e:
@@ -87,10 +88,8 @@ def raw_side(transport: str, sizes: list[int]) -> dict:
     with tempfile.TemporaryDirectory(prefix="tsqp-diag-") as tmp:
         url = f"ipc://{tmp}/raw.ipc" if transport == "ipc" else "tcp://127.0.0.1:0"
         with probe.raw_echo_server(url) as bound:
-            return {
-                "transport": transport,
-                "sizes": [{"size": s, **probe.spread(probe.time_raw(bound, s))} for s in sizes],
-            }
+            timed = [probe.spread(probe.time_raw(bound, s, probe.repetitions(s))) for s in sizes]
+            return {"transport": transport, "sizes": [{"size": s, **t} for s, t in zip(sizes, timed, strict=True)]}
 
 
 def findings(r: dict) -> list[str]:

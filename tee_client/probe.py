@@ -18,7 +18,7 @@ import torch
 import zmq
 
 from tee_client.rpc import RpcClient
-from tee_client.stats import Stats
+from tee_client.stats import Call, Stats
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = [0, KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB, 64 * MiB]
@@ -73,14 +73,15 @@ def raw_echo_server(url: str):
         proc.stdout.close()
 
 
-def time_raw(url: str, size: int, warmup: int = 3, timeout_ms: int = 30000) -> list[int]:
+def time_raw(url: str, size: int, n: int, warmup: int = 3, timeout_ms: int = 30000) -> list[int]:
+    """`n` round trips of a `size`-byte message to a raw echo, in nanoseconds."""
     payload = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8)
     req = zmq.Context.instance().socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.connect(url)
     samples = []
     try:
-        for i in range(warmup + repetitions(size)):
+        for i in range(warmup + n):
             t0 = time.perf_counter_ns()
             req.send(payload, copy=size < 64 * KiB)
             if not req.poll(timeout_ms):
@@ -96,18 +97,22 @@ def time_raw(url: str, size: int, warmup: int = 3, timeout_ms: int = 30000) -> l
 # ---- the service's own protocol --------------------------------------------------------------
 
 
-def time_protocol(rpc: RpcClient, size: int, warmup: int = 3) -> dict:
-    """Echo round trips of one `size`-byte tensor (none for size 0: a bare call)."""
+def time_protocol(rpc: RpcClient, size: int, n: int, warmup: int = 3) -> list[Call]:
+    """`n` Echo round trips of one `size`-byte tensor (none for size 0: a bare call)."""
     tensors = [torch.randn(size // 4)] if size else []
     for _ in range(warmup):
         rpc.call("Echo", {}, tensors)
     stats = Stats()
     with stats.recording():
-        for _ in range(repetitions(size)):
+        for _ in range(n):
             rpc.call("Echo", {}, tensors)
-    calls = stats.methods["Echo"].calls
+    return stats.methods["Echo"].calls
+
+
+def summarize_calls(calls: list[Call]) -> dict:
+    """Round-trip spread, and the median of each part of it, for protocol calls."""
     rtt = spread([c.wall_ns for c in calls])
-    median = lambda attr: float(np.median([getattr(c, attr) for c in calls])) / 1e6  # noqa: E731
+    median = lambda attr: float(np.median([getattr(c, attr) for c in calls])) / 1e6
     rtt.update(
         {
             "client_serialize_ms": median("serialize_ns"),
@@ -117,9 +122,8 @@ def time_protocol(rpc: RpcClient, size: int, warmup: int = 3) -> dict:
             "bytes_per_call": calls[0].bytes_sent + calls[0].bytes_received,
         }
     )
-    codec = (
-        rtt["client_serialize_ms"] + rtt["client_deserialize_ms"] + rtt["server_decode_ms"] + rtt["server_encode_ms"]
-    )
+    parts = ("client_serialize_ms", "client_deserialize_ms", "server_decode_ms", "server_encode_ms")
+    codec = sum(rtt[k] for k in parts)
     rtt["serialization_pct"] = 100 * codec / rtt["median_ms"] if rtt["median_ms"] else 0.0
     return rtt
 
