@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -136,6 +137,7 @@ def plot(data: dict) -> None:
         ylabel="median prefill time (ms)",
         title=f"Prefill time by placement ({data['device']})",
     )
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticks([p["length"] for p in single], [str(p["length"]) for p in single])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -144,7 +146,7 @@ def plot(data: dict) -> None:
     bottom = np.zeros(len(names))
     for part, label in (
         ("transfer_ms", "transfer"),
-        ("gpu_compute_ms", "linear ops (GPU side)"),
+        ("gpu_compute_ms", "linear ops (server / engine)"),
         ("tee_compute_ms", "TEE non-linear"),
         ("other_ms", "other"),
     ):
