@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import BIN, reference_logits, run_prefill_cli
 from gpu_server.launch import ServerProcess
-from protocol.errors import ServerUnavailable
+from protocol.errors import ServerUnavailable, VersionMismatch
 from protocol.messages import ITEMSIZE
 from protocol.wire import PROTOCOL_VERSION
 from tee_client.rpc import RpcClient
@@ -109,6 +109,21 @@ def test_deadline_times_retries_bounds_a_dead_server():
         elapsed = time.monotonic() - t0
         client.close()
     assert 1.2 <= elapsed < 1.2 + 1.5
+
+
+def test_a_server_speaking_another_protocol_version_is_a_clear_error(ipc_dir):
+    endpoint = f"ipc://{ipc_dir}/v99.ipc"
+    with zmq.Context.instance().socket(zmq.REP) as other:  # a peer from another release
+        other.bind(endpoint)
+
+        def answer():
+            request = msgpack.unpackb(other.recv_multipart()[0])
+            other.send_multipart([msgpack.packb({"v": 99, "id": request["id"], "ok": True, "result": {}})])
+
+        threading.Thread(target=answer, daemon=True).start()
+        with RpcClient(endpoint, timeout_s=5) as rpc:
+            with pytest.raises(VersionMismatch, match=f"protocol version 99, this side speaks {PROTOCOL_VERSION}"):
+                rpc.call("Ping")
 
 
 def raw_socket(endpoint: str) -> zmq.Socket:
