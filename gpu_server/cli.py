@@ -32,12 +32,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL", help="ipc:///path or tcp://host:port")
-    p.add_argument("--device", dest="gpu_device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument(
+        "--device",
+        dest="gpu_device",
+        metavar="DEVICE",
+        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
+    )
     p.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="weights and wire dtype (default float32)"
     )
-    p.add_argument("--max-message-mb", type=float, help="drop inbound messages larger than this (default 1024)")
-    p.add_argument("--max-result-mb", type=float, help="refuse requests whose result is larger (default 2048)")
+    p.add_argument(
+        "--max-message-mb", type=float, metavar="MB", help="drop inbound messages larger than this (default 1024)"
+    )
+    p.add_argument(
+        "--max-result-mb", type=float, metavar="MB", help="refuse requests whose result is larger (default 2048)"
+    )
     p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this server's .key_secret (see tsqp-keygen)")
     p.add_argument("--curve-authorized-keys", metavar="DIR", help="CURVE: folder of the client .key files admitted")
     return p.parse_args(argv)

@@ -66,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="checkpoint for passthrough/tee-only (default: embedded SmolLM2)",
     )
     pre.add_argument(
-        "--device", dest="gpu_device", help="device for passthrough: cpu, cuda or cuda:N (default: cuda when available)"
+        "--device",
+        dest="gpu_device",
+        metavar="DEVICE",
+        help="device for passthrough: cpu, cuda or cuda:N (default: cuda when available)",
     )
     pre.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype for passthrough/tee-only"
