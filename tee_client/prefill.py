@@ -40,13 +40,13 @@ def encode_batch(tokenizer, prompts: list[str], batch_size: int, length: int):
 
 def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The result JSON, and the logits, input_ids and attention_mask of the timed run."""
+    prompts = read_prompts(settings)  # a bad prompt file fails before any model loads
     ops = make_ops(settings)
     try:
         init_stats = Stats()
         with init_stats.recording():
             spec = ops.init()
         model = Llama(spec, ops)
-        prompts = read_prompts(settings)
         input_ids, attention_mask, lengths = encode_batch(
             spec.tokenizer, prompts, settings.tee_batch_size, settings.prefill_length
         )
