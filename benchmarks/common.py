@@ -45,3 +45,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def finish(name: str, fig, table: str, *notes: str) -> None:
+    """Save the plot, print the machine, the table and any notes, and say what was written."""
+    fig.tight_layout()
+    fig.savefig(png_path(name), dpi=120)
+    m = machine()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, gpu {m['gpu']}, torch {m['torch']}, {m['date']}")
+    print(table)
+    for note in notes:
+        print(note)
+    print(f"wrote {RESULTS / (name + '.json')} and {png_path(name)}")

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
+from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
 from gpu_server.launch import ServerProcess  # noqa: E402
 from tee_client.rpc import RpcClient  # noqa: E402
 
@@ -52,7 +52,7 @@ def run(url: str, clients: int, calls: int) -> dict:
         "sent": clients * calls,
         "answered": answered,
         "lost": clients * calls - answered,
-        "calls_per_s": answered / wall,
+        "calls_per_s": round(answered / wall),
         "p50_ms": float(np.median(rtt_ms)),
         "p99_ms": float(np.percentile(rtt_ms, 99)),
     }
@@ -66,31 +66,23 @@ def main(argv=None) -> int:
         url = f"ipc://{tmp}/s.ipc"
         with ServerProcess(url, "--device", "cpu"):
             rows = [run(url, n, args.calls) for n in (1, 2, 4, 8)]
-    path = write_json("load", {"calls_per_client": args.calls, "payload_bytes": 1024, "rows": rows})
+    write_json("load", {"calls_per_client": args.calls, "payload_bytes": 1024, "rows": rows})
+    header = ["clients", "sent", "answered", "lost", "calls/s", "p50 ms", "p99 ms"]
+    keys = ["clients", "sent", "answered", "lost", "calls_per_s", "p50_ms", "p99_ms"]
+    finish("load", plot(rows), markdown_table(header, [[r[k] for k in keys] for r in rows]))
+    return 0 if all(r["lost"] == 0 for r in rows) else 1
+
+
+def plot(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["clients"] for r in rows], [r["calls_per_s"] for r in rows], marker="o", label="throughput (calls/s)")
+    clients = [r["clients"] for r in rows]
+    ax.plot(clients, [r["calls_per_s"] for r in rows], marker="o", label="throughput (calls/s)")
     ax2 = ax.twinx()
-    ax2.plot(
-        [r["clients"] for r in rows], [r["p99_ms"] for r in rows], marker="s", color="C1", label="p99 round trip (ms)"
-    )
+    ax2.plot(clients, [r["p99_ms"] for r in rows], marker="s", color="C1", label="p99 round trip (ms)")
     ax.set(xlabel="concurrent clients", ylabel="calls/s", title="Echo 1 KiB from concurrent clients, one server")
     ax2.set_ylabel("p99 ms")
     fig.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(png_path("load"), dpi=120)
-    m = machine()
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
-    print(
-        markdown_table(
-            ["clients", "sent", "answered", "lost", "calls/s", "p50 ms", "p99 ms"],
-            [
-                [r["clients"], r["sent"], r["answered"], r["lost"], round(r["calls_per_s"]), r["p50_ms"], r["p99_ms"]]
-                for r in rows
-            ],
-        )
-    )
-    print(f"wrote {path} and {png_path('load')}")
-    return 0 if all(r["lost"] == 0 for r in rows) else 1
+    return fig
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
+from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
 from gpu_server.checkpoint import embedded_model_path, load_checkpoint, resolve_folder  # noqa: E402
 from gpu_server.engine import Engine  # noqa: E402
 from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
@@ -120,7 +120,7 @@ def summarize(runs: dict) -> dict:
     return out
 
 
-def plot(data: dict) -> None:
+def plot(data: dict):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     single = [p for p in data["points"] if p["batch"] == 1]
     for name in PLACEMENTS:
@@ -155,8 +155,7 @@ def plot(data: dict) -> None:
         bottom += values
     bx.set(ylabel="ms", title="Where the time goes at length 512")
     bx.legend()
-    fig.tight_layout()
-    fig.savefig(png_path("prefill"), dpi=120)
+    return fig
 
 
 def table(data: dict) -> str:
@@ -211,15 +210,8 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     data = measure(args)
-    path = write_json("prefill", data)
-    plot(data)
-    m = machine()
-    print(
-        f"machine: {m['cpu']}, {m['cores']} cores, gpu {m['gpu']}, torch {m['torch']}, {m['date']}; "
-        f"median of {args.runs} after {args.warmup} warm-up"
-    )
-    print(table(data))
-    print(f"wrote {path} and {png_path('prefill')}")
+    write_json("prefill", data)
+    finish("prefill", plot(data), table(data), f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
     return 0
 
 

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
+from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
 from gpu_server.launch import ServerProcess  # noqa: E402
 from tee_client.backends import RemoteOps  # noqa: E402
 from tee_client.model import Llama  # noqa: E402
@@ -57,31 +57,37 @@ def bookkeeping_ns(n: int = 50_000) -> dict:
     return {"tee_step_ns": ((t1 - t0) - (t2 - t1)) / n, "call_ns": (t3 - t2) / n}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--runs", type=int, default=15, help="timed runs each, on and off")
-    args = p.parse_args(argv)
+def measure(length: int, runs: int) -> tuple[dict, dict]:
+    """Alternating timed forwards with stats on and off, and one forward's op counts."""
     with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp:
         url = f"ipc://{tmp}/s.ipc"
         with ServerProcess(url, "--device", "cpu"), RpcClient(url) as rpc:
             ops = RemoteOps(rpc)
             spec = ops.init()
             model = Llama(spec, ops)
-            ids, mask, _ = encode_batch(spec.tokenizer, ["The capital of France is"], 1, args.length)
+            ids, mask, _ = encode_batch(spec.tokenizer, ["The capital of France is"], 1, length)
             for _ in range(2):
                 forward_seconds(model, ids, mask, True)
-            probe = Stats()
-            with probe.recording():
+            counted = Stats()
+            with counted.recording():
                 model.forward(ids, mask)
             counts = {
-                "tee_steps": sum(probe.tee_counts.values()),
-                "calls": sum(len(m.calls) for m in probe.methods.values()),
+                "tee_steps": sum(counted.tee_counts.values()),
+                "calls": sum(len(m.calls) for m in counted.methods.values()),
             }
             times = {"on": [], "off": []}
-            for _ in range(args.runs):
+            for _ in range(runs):
                 for mode in ("on", "off"):
                     times[mode].append(forward_seconds(model, ids, mask, mode == "on"))
+    return times, counts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--runs", type=int, default=15, help="timed runs each, on and off")
+    args = p.parse_args(argv)
+    times, counts = measure(args.length, args.runs)
     summary = {
         m: {"median_s": float(np.median(t)), "q1_s": float(np.percentile(t, 25)), "q3_s": float(np.percentile(t, 75))}
         for m, t in times.items()
@@ -90,7 +96,7 @@ def main(argv=None) -> int:
     unit = bookkeeping_ns()
     bound_ms = (unit["tee_step_ns"] * counts["tee_steps"] + unit["call_ns"] * counts["calls"]) / 1e6
     bound_pct = 100 * bound_ms / (summary["off"]["median_s"] * 1e3)
-    path = write_json(
+    write_json(
         "stats_overhead",
         {
             "length": args.length,
@@ -107,23 +113,16 @@ def main(argv=None) -> int:
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.boxplot([times["off"], times["on"]], tick_labels=["stats off", "stats on"])
     ax.set(ylabel="prefill time (s)", title=f"Stats overhead, length {args.length}: {overhead:+.2f}%")
-    fig.tight_layout()
-    fig.savefig(png_path("stats_overhead"), dpi=120)
-    m = machine()
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
-    print(
-        markdown_table(
-            ["stats", "median ms", "q1 ms", "q3 ms"],
-            [[k, v["median_s"] * 1e3, v["q1_s"] * 1e3, v["q3_s"] * 1e3] for k, v in summary.items()],
-        )
-    )
-    print(f"overhead of recording stats: {overhead:+.2f}% (ratio of medians, {args.runs} alternating runs each)")
-    print(
+    rows = [[k, v["median_s"] * 1e3, v["q1_s"] * 1e3, v["q3_s"] * 1e3] for k, v in summary.items()]
+    finish(
+        "stats_overhead",
+        fig,
+        markdown_table(["stats", "median ms", "q1 ms", "q3 ms"], rows),
+        f"overhead of recording stats: {overhead:+.2f}% (ratio of medians, {args.runs} alternating runs each)",
         f"bookkeeping timed directly: {unit['tee_step_ns']:.0f} ns per TEE step x {counts['tee_steps']} + "
         f"{unit['call_ns']:.0f} ns per call x {counts['calls']} = {bound_ms:.3f} ms per forward, "
-        f"{bound_pct:.3f}% of the median forward"
+        f"{bound_pct:.3f}% of the median forward",
     )
-    print(f"wrote {path} and {png_path('stats_overhead')}")
     return 0
 
 

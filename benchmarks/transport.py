@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import machine, markdown_table, png_path, write_json  # noqa: E402
+from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
 from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
 from tee_client import probe  # noqa: E402
 from tee_client.diagnose import human  # noqa: E402
@@ -49,7 +49,7 @@ def measure(tmp: str, sizes: list[int], rounds: int = 5) -> dict:
     return series
 
 
-def plot(series: dict, path) -> None:
+def plot(series: dict):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in series.items():
         rows = [r for r in rows if r["size"] > 0]
@@ -70,8 +70,7 @@ def plot(series: dict, path) -> None:
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def table(series: dict) -> str:
@@ -86,20 +85,17 @@ def table(series: dict) -> str:
 
 
 def main() -> int:
-    sizes = probe.SIZES
     with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp:
-        series = measure(tmp, sizes)
+        series = measure(tmp, probe.SIZES)
     memcpy = probe.memcpy_bandwidth()
-    path = write_json("transport", {"series": series, "memcpy": memcpy})
-    plot(series, png_path("transport"))
-    m = machine()
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
-    print(table(series))
-    print(
+    write_json("transport", {"series": series, "memcpy": memcpy})
+    finish(
+        "transport",
+        plot(series),
+        table(series),
         f"\nmemcpy: {memcpy['reused_gbps']:.1f} GB/s into reused memory, "
-        f"{memcpy['fresh_gbps']:.1f} GB/s into fresh buffers"
+        f"{memcpy['fresh_gbps']:.1f} GB/s into fresh buffers",
     )
-    print(f"wrote {path} and {png_path('transport')}")
     return 0
 
 

@@ -2,12 +2,13 @@
 
 import argparse
 import sys
+import typing
 
 from pydantic import ValidationError
 
 from gpu_server.checkpoint import CheckpointError
 from gpu_server.server import EndpointBusy, Server
-from gpu_server.settings import ServerSettings
+from gpu_server.settings import DTypeName, ServerSettings
 from protocol.endpoints import default_endpoint
 from protocol.errors import describe
 
@@ -25,22 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="gpu-server", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--model",
-        dest="model_path",
-        metavar="PATH",
-        help="Hugging Face checkpoint folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
-    )
+    add_model_flags(p)
     p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL", help="ipc:///path or tcp://host:port")
-    p.add_argument(
-        "--device",
-        dest="gpu_device",
-        metavar="DEVICE",
-        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)",
-    )
-    p.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights and wire dtype (default float32)"
-    )
     p.add_argument(
         "--max-message-mb", type=float, metavar="MB", help="drop inbound messages larger than this (default 1024)"
     )
@@ -50,6 +37,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this server's .key_secret (see tsqp-keygen)")
     p.add_argument("--curve-authorized-keys", metavar="DIR", help="CURVE: folder of the client .key files admitted")
     return p.parse_args(argv)
+
+
+def add_model_flags(p: argparse.ArgumentParser, where: str = "") -> None:
+    """--model, --device, --dtype: the ModelSettings fields, for gpu-server and tee-client alike."""
+    p.add_argument(
+        "--model",
+        dest="model_path",
+        metavar="PATH",
+        help=f"Hugging Face checkpoint folder or .gguf file{where} (default: the embedded SmolLM2-135M)",
+    )
+    p.add_argument(
+        "--device",
+        dest="gpu_device",
+        metavar="DEVICE",
+        help=f"cpu, cuda or cuda:N{where} (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--dtype", choices=typing.get_args(DTypeName), help=f"weights and wire dtype{where} (default float32)"
+    )
 
 
 def main(argv=None) -> int:

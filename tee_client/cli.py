@@ -7,6 +7,7 @@ import sys
 from pydantic import ValidationError
 
 from gpu_server.checkpoint import CheckpointError
+from gpu_server.cli import add_model_flags
 from protocol.endpoints import default_endpoint
 from protocol.errors import TSQPError, describe
 from tee_client.backends import BACKENDS
@@ -16,7 +17,7 @@ Flags may also come from the environment (a flag wins): LLAMA_GPU_ENDPOINT,
 LLAMA_PREFILL_LENGTH, LLAMA_TEE_BATCH_SIZE, LLAMA_PROMPT_PATH, LLAMA_TEE_RESULT_PATH,
 LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY,
 LLAMA_BACKEND, LLAMA_SAVE_LOGITS, LLAMA_WARMUP, LLAMA_REPEAT, and for the in-process
-backends LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE.
+backends LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE (tee-only always runs on the CPU).
 The default endpoint is {default_endpoint()}.
 
 With --backend remote (the default) the client needs only the endpoint: the model's config,
@@ -59,21 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--save-logits", metavar="logits.npz", help="write logits [B,N,vocab], input_ids and attention_mask"
     )
     pre.add_argument("--backend", choices=BACKENDS, help="where the linear ops run (default remote)")
-    pre.add_argument(
-        "--model",
-        dest="model_path",
-        metavar="PATH",
-        help="checkpoint for passthrough/tee-only (default: embedded SmolLM2)",
-    )
-    pre.add_argument(
-        "--device",
-        dest="gpu_device",
-        metavar="DEVICE",
-        help="device for passthrough: cpu, cuda or cuda:N (default: cuda when available)",
-    )
-    pre.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype for passthrough/tee-only"
-    )
+    add_model_flags(pre, where=" for passthrough/tee-only")
     pre.add_argument(
         "--timeout", dest="rpc_timeout", type=float, metavar="S", help="seconds to wait for one reply (default 30)"
     )
