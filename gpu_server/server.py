@@ -2,7 +2,7 @@
 
 startup    check the endpoint is free, load the model, bind, print one `ready` line
 main loop  poll (so signals are seen within 100 ms), answer one request at a time
-shutdown   finish the request in hand, close the socket, remove the ipc socket file
+shutdown   finish the request in hand, deliver its reply (2 s at most), close, remove the ipc socket file
 """
 
 import os
@@ -20,6 +20,7 @@ from protocol.security import serve_curve
 from protocol.wire import TORCH_DTYPES
 
 POLL_MS = 100
+SHUTDOWN_LINGER_MS = 2000
 
 
 class EndpointBusy(Exception):
@@ -63,7 +64,10 @@ class Server:
         if self.auth is not None:
             self.auth.stop()
         if self.socket is not None:
-            self.socket.close(linger=0)
+            self.socket.close(linger=SHUTDOWN_LINGER_MS)  # deliver the last reply, unless its client is gone
+            # Replies are sent zero-copy from tensor memory: wait until zmq is done with it
+            # (term blocks until every message is out or the linger expires) before Python frees it.
+            zmq.Context.instance().term()
             if self.endpoint.transport == "ipc" and probe_ipc(self.endpoint.path) != "missing":
                 os.unlink(self.endpoint.path)
             print("gpu-server stopped", flush=True)

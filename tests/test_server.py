@@ -1,6 +1,7 @@
 """gpu-server answers anything malformed with an error reply, and its lifecycle behaves."""
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -86,11 +87,25 @@ def test_result_over_the_cap_is_refused(checkpoints, start_server):
     assert header["error"]["type"] == "TooLarge"
 
 
-def test_sigterm_stops_cleanly_and_removes_the_socket(checkpoints, start_server):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_request_in_hand_then_stops_cleanly(sig, checkpoints, start_server):
     server = start_server("--model", str(checkpoints("gqa")))
     path = server.endpoint.removeprefix("ipc://")
     assert os.stat(path).st_mode & 0o777 == 0o600
-    assert server.stop() == 0
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    sock.send_multipart(request("Ping"))  # connected, and the server idle in its loop
+    assert sock.poll(10_000)
+    sock.recv_multipart()
+    sock.send_multipart(request("Matmul", {}, [f32(4096, 4096), f32(4096, 4096)]))  # ~140 GFLOP: seconds of work
+    time.sleep(0.5)
+    os.kill(server.proc.pid, sig)
+    assert sock.poll(60_000), f"the request in hand was dropped:\n{server.log}"
+    header = msgpack.unpackb(sock.recv_multipart()[0])
+    sock.close()
+    assert header["ok"] and header["tensors"][0]["shape"] == [4096, 4096]
+    assert server.proc.wait(30) == 0
     assert not os.path.exists(path)
     assert "stopped" in server.log
 
