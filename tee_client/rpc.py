@@ -27,7 +27,7 @@ class RpcClient:
         self.wire_dtype = None  # floating tensors are cast to the server's dtype once Init says it
         self.fingerprint = None  # sent with every request once Init says it
         self.next_id = 0
-        self.context = zmq.Context.instance()
+        self.context = zmq.Context()  # our own, so close() can wait until zmq is done with our buffers
         self.socket = None
         self.fail_fast_if_absent()
         self.connect()
@@ -121,9 +121,11 @@ class RpcClient:
         self.socket.connect(self.endpoint.url)
 
     def close(self) -> None:
+        """Drop anything unsent and wait until zmq lets go of the (zero-copy) request buffers."""
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+            self.context.term()
 
     def __enter__(self):
         return self
