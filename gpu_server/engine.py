@@ -91,7 +91,8 @@ class Engine:
             batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except RuntimeError:
             raise BadShape(f"Matmul batch dimensions do not broadcast: {list(a.shape)} @ {list(b.shape)}") from None
-        self.check_result(batch.numel() * rows * cols)
+        # torch materializes broadcast operands: count them with the result
+        self.check_result(batch.numel() * (rows * inner + inner * cols + rows * cols))
         a, b = a.to(self.device), b.to(self.device)
         return a @ (b.transpose(-1, -2) if transpose_b else b)
 
@@ -100,6 +101,11 @@ class Engine:
         self.check_activation(x, hidden, "LMHead")
         self.check_result(x.numel() // max(hidden, 1) * vocab)
         return F.linear(x.to(self.device), self.lm_head_weight)
+
+    def synchronize(self) -> None:
+        """Wait for the device, so a timer stopped now measures the work (CUDA runs async)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---- checks -----------------------------------------------------------------------------
 

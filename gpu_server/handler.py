@@ -8,7 +8,6 @@ import sys
 import time
 
 import msgpack
-import torch
 from pydantic import ValidationError
 
 from gpu_server.engine import Engine
@@ -41,7 +40,7 @@ class Handler:
             request, args, tensors = self.decode(header, frames[1:])
             t1 = time.perf_counter_ns()
             result, out = self.methods[request.method](args, tensors)
-            self.synchronize()
+            self.engine.synchronize()
             t2 = time.perf_counter_ns()
             specs, buffers = encode_tensors(out)
             t3 = time.perf_counter_ns()
@@ -86,10 +85,6 @@ class Handler:
             "served": self.served,
             "errors": self.errors,
         }
-
-    def synchronize(self) -> None:
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)
 
     @staticmethod
     def error_header(header: dict, e: Exception) -> dict:

@@ -74,7 +74,7 @@ class LocalOps:
         t1 = time.perf_counter_ns()
         out = fn(*inputs)
         out = out if isinstance(out, list) else [out]
-        self.synchronize()
+        self.engine.synchronize()
         t2 = time.perf_counter_ns()
         results = [self.to_host(t) for t in out]
         t3 = time.perf_counter_ns()
@@ -102,10 +102,6 @@ class LocalOps:
     def to_host(self, t: Tensor) -> Tensor:
         t = t.to("cpu") if self.moves else t
         return t.float()
-
-    def synchronize(self) -> None:
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)
 
 
 def make_ops(settings) -> RemoteOps | LocalOps:

@@ -87,6 +87,14 @@ def test_result_over_the_cap_is_refused(checkpoints, start_server):
     assert header["error"]["type"] == "TooLarge"
 
 
+def test_a_broadcast_bomb_is_refused_before_it_allocates(checkpoints, start_server):
+    """16 MiB operands, a 4 MiB result, but broadcasting would materialize 16 GiB."""
+    server = start_server("--model", str(checkpoints("gqa")))
+    header, _ = raw_call(server.endpoint, request("Matmul", {}, [f32(1, 1000, 1, 4096), f32(1000, 1, 4096, 1)]))
+    assert header["error"]["type"] == "TooLarge"
+    assert raw_call(server.endpoint, request("Ping"))[0]["ok"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_request_in_hand_then_stops_cleanly(sig, checkpoints, start_server):
     server = start_server("--model", str(checkpoints("gqa")))
