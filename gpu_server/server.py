@@ -8,6 +8,7 @@ shutdown   finish the request in hand, deliver its reply (2 s at most), close, r
 import os
 import signal
 import sys
+from pathlib import Path
 
 import zmq
 
@@ -80,10 +81,8 @@ class Server:
             return
         path = self.endpoint.path
         parent = os.path.dirname(path)
-        if os.path.abspath(parent) == str(runtime_dir()):
-            make_private_dir(runtime_dir())
-        elif not os.path.isdir(parent):
-            raise FileNotFoundError(f"folder {parent} for the ipc socket does not exist")
+        if os.path.abspath(parent) == str(runtime_dir()) or not os.path.exists(parent):
+            make_private_dir(Path(parent))  # a folder we create is private (0700)
         elif os.stat(parent).st_mode & 0o077:
             print(
                 f"gpu-server: note: {parent} is open to other users; the socket itself is 0600, but a private "

@@ -154,3 +154,10 @@ def test_curve_encrypts_the_tensors_on_the_wire(curve, checkpoints, keys):
     assert torch.equal(back[0], SECRET)
     assert len(proxy.seen) > 2 * SECRET.nbytes
     assert (b"TSQP-PLAINTEXT!!" in proxy.seen) is not curve  # in the clear without CURVE, never with it
+
+
+def test_a_missing_socket_folder_is_created_private(checkpoints, ipc_dir):
+    sock = ipc_dir / "new" / "gpu.ipc"
+    with ServerProcess(f"ipc://{sock}", "--device", "cpu", "--model", str(checkpoints("gqa"))):
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
