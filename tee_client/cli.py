@@ -15,7 +15,7 @@ from tee_client.backends import BACKENDS
 PREFILL_EPILOG = f"""
 Flags may also come from the environment (a flag wins): LLAMA_GPU_ENDPOINT,
 LLAMA_PREFILL_LENGTH, LLAMA_TEE_BATCH_SIZE, LLAMA_PROMPT_PATH, LLAMA_TEE_RESULT_PATH,
-LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY,
+LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY, LLAMA_MODEL_FINGERPRINT,
 LLAMA_BACKEND, LLAMA_SAVE_LOGITS, LLAMA_WARMUP, LLAMA_REPEAT, and for the in-process
 backends LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE (tee-only always runs on the CPU).
 The default endpoint is {default_endpoint()}.
@@ -68,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--retries", dest="rpc_retries", type=int, metavar="N", help="resends over a fresh socket (default 2)"
     )
     add_curve_flags(pre)
+    pre.add_argument(
+        "--expect-fingerprint",
+        dest="model_fingerprint",
+        metavar="HEX",
+        help="refuse a server whose model fingerprint does not start with HEX (12+ hex digits)",
+    )
     pre.add_argument("--warmup", type=int, metavar="N", help="untimed forwards before timing (default 1)")
     pre.add_argument("--repeat", type=int, metavar="N", help="timed forwards; the median is reported (default 1)")
     pre.add_argument("--json", action="store_true", help="print the result JSON instead of the summary")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protocol.errors import ModelMismatch
 from tee_client.backends import make_ops
 from tee_client.model import Llama
 from tee_client.settings import PrefillSettings
@@ -46,6 +47,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         init_stats = Stats()
         with init_stats.recording():
             spec = ops.init()
+        check_pinned(spec, settings.model_fingerprint)
         model = Llama(spec, ops)
         input_ids, attention_mask, lengths = encode_batch(
             spec.tokenizer, prompts, settings.tee_batch_size, settings.prefill_length
@@ -77,6 +79,14 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         **stats.summary(int(elapsed * 1e9)),
     }
     return result, logits, input_ids, attention_mask
+
+
+def check_pinned(spec, pinned: str | None) -> None:
+    """With a pinned fingerprint, refuse any other model before a single token is sent."""
+    if pinned and not spec.fingerprint.startswith(pinned.lower()):
+        raise ModelMismatch(
+            f"the model is {spec.name} with fingerprint {spec.fingerprint[:16]}, not the pinned {pinned[:16]}"
+        )
 
 
 def timed_forward(model: Llama, input_ids, attention_mask):
@@ -111,8 +121,8 @@ def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, att
 def summary(result: dict) -> str:
     t, pct, data = result["timing"], result["timing_percentage"], result["data_transfer"]
     lines = [
-        f"prefill  backend={result['backend']}  model={result['model']}  dtype={result['dtype']}"
-        + (f"  endpoint={result['endpoint']}" if result["endpoint"] else ""),
+        f"prefill  backend={result['backend']}  model={result['model']} ({result['fingerprint'][:16]})  "
+        f"dtype={result['dtype']}" + (f"  endpoint={result['endpoint']}" if result["endpoint"] else ""),
         f"  batch {result['batch_size']} x length {result['prefill_length']} (real tokens {result['actual_lengths']})",
         f"  time {result['time_seconds'] * 1000:.1f} ms (median of {len(result['runs_seconds'])}, "
         f"after {result['warmup_runs']} warm-up), {result['throughput_tokens_per_sec']:.1f} tokens/s",

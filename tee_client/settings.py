@@ -14,6 +14,7 @@ class ClientSettings(LlamaSettings):
     rpc_retries: int = Field(2, ge=0, description="resends over a fresh socket before giving up")
     curve_secret_key: str | None = Field(None, description="this client's .key_secret file: turns CURVE on")
     curve_server_key: str | None = Field(None, description="the server's public .key file")
+    model_fingerprint: str | None = Field(None, min_length=12, description="refuse a server holding another model")
 
     @model_validator(mode="after")
     def curve_pair(self) -> "ClientSettings":

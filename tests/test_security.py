@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_prefill_cli
+from conftest import BIN, run_prefill_cli
 from gpu_server.launch import ServerProcess, free_tcp_port
 from protocol.errors import ServerUnavailable
 from protocol.security import client_keys, keygen
@@ -161,3 +161,21 @@ def test_a_missing_socket_folder_is_created_private(checkpoints, ipc_dir):
     with ServerProcess(f"ipc://{sock}", "--device", "cpu", "--model", str(checkpoints("gqa"))):
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+
+def test_a_pinned_fingerprint_refuses_any_other_model(checkpoints, start_server, tmp_path):
+    server = start_server("--model", str(checkpoints("gqa")))
+    result, _ = run_prefill_cli(server.endpoint, tmp_path, ["The capital of France is"], 8, 1)
+    pinned = result["fingerprint"][:16]
+    again, _ = run_prefill_cli(server.endpoint, tmp_path, ["Rotary"], 8, 1, "--expect-fingerprint", pinned)
+    assert again["fingerprint"] == result["fingerprint"]
+
+    other = start_server("--model", str(checkpoints("mqa-tied-bias")), name="other.ipc")
+    run = subprocess.run(
+        [BIN / "tee-client", "prefill", "--endpoint", other.endpoint, "--expect-fingerprint", pinned],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert f"not the pinned {pinned}" in run.stderr and "Traceback" not in run.stderr
