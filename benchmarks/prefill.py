@@ -24,13 +24,12 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
-from gpu_server.checkpoint import embedded_model_path, load_checkpoint, resolve_folder  # noqa: E402
-from gpu_server.engine import Engine  # noqa: E402
+from gpu_server.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
 from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
-from tee_client.backends import LocalOps, RemoteOps  # noqa: E402
+from tee_client.backends import make_ops  # noqa: E402
 from tee_client.model import Llama  # noqa: E402
 from tee_client.prefill import encode_batch  # noqa: E402
-from tee_client.rpc import RpcClient  # noqa: E402
+from tee_client.settings import PrefillSettings  # noqa: E402
 from tee_client.stats import Stats  # noqa: E402
 
 PROMPT = "The capital of France is Paris. " * 200  # long enough to fill every length: no padding
@@ -42,12 +41,19 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack) -> di
     """name -> forward(input_ids, attention_mask): the same Llama on four ops objects, and transformers."""
     from transformers import LlamaForCausalLM
 
-    def tsqp(ops) -> Callable:
+    def tsqp(backend: str, endpoint: str = ipc) -> Callable:
+        """The ops object exactly as tee-client builds it (tee_client.backends.make_ops)."""
+        settings = PrefillSettings(
+            backend=backend,
+            gpu_endpoint=endpoint,
+            model_path=str(embedded_model_path()),
+            gpu_device=str(device),
+            dtype="float32",
+            rpc_timeout=300,
+        )
+        ops = make_ops(settings)
         stack.callback(ops.close)
         return Llama(ops.init(), ops).forward
-
-    def local(on: torch.device) -> Callable:
-        return tsqp(LocalOps(Engine(load_checkpoint(None, torch.float32, on))))
 
     folder, _ = resolve_folder(embedded_model_path())
     reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
@@ -58,10 +64,10 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack) -> di
         return out.to("cpu")  # the same ending as the TSQP placements: logits in host memory
 
     return {
-        "remote ipc": tsqp(RemoteOps(RpcClient(ipc, timeout_s=300))),
-        "remote tcp": tsqp(RemoteOps(RpcClient(tcp, timeout_s=300))),
-        "passthrough": local(device),
-        "tee-only": local(torch.device("cpu")),
+        "remote ipc": tsqp("remote", ipc),
+        "remote tcp": tsqp("remote", tcp),
+        "passthrough": tsqp("passthrough"),
+        "tee-only": tsqp("tee-only"),
         "transformers": transformers_forward,
     }
 
@@ -72,7 +78,10 @@ def measure(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp, ExitStack() as stack:
         ipc, tcp = f"ipc://{tmp}/s.ipc", f"tcp://127.0.0.1:{free_tcp_port()}"
         for url in (ipc, tcp):
-            stack.enter_context(ServerProcess(url, "--device", str(device)))
+            # the embedded model named outright, so an exported LLAMA_MODEL_PATH cannot swap it in
+            stack.enter_context(
+                ServerProcess(url, "--model", str(embedded_model_path()), "--device", str(device), "--dtype", "float32")
+            )
         forwards = placements(ipc, tcp, device, stack)
         tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
         for length, batch in POINTS:

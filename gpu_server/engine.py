@@ -4,6 +4,7 @@ The same engine runs inside gpu-server (behind ZeroMQ) and inside tee-client for
 in-process backends. Every method checks its inputs against the model before it allocates.
 """
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -46,22 +47,22 @@ class Engine:
             "dtype": DTYPE_NAMES[self.dtype],
             "config": json.loads(self.model.config.to_json_string(use_diff=False)),
             "norms": names,
-            "tokenizer": self.tokenizer_files(),
+            "tokenizer": self.tokenizer_files,
         }
         return result, [w.detach().float() for w in norms]
 
+    @functools.cached_property
     def tokenizer_files(self) -> dict[str, bytes]:
-        if not hasattr(self, "_tokenizer_files"):
-            with tempfile.TemporaryDirectory() as tmp:
-                self.ckpt.tokenizer.save_pretrained(tmp)
-                self._tokenizer_files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-        return self._tokenizer_files
+        """The tokenizer as its saved files, made once: Init sends them to the trusted side."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.ckpt.tokenizer.save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
     # ---- the linear ops ---------------------------------------------------------------------
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
-            raise BadShape(f"Embedding takes int64 token ids, got {ids.dtype}")
+            raise BadShape(f"Embedding takes int64 or int32 token ids, got {ids.dtype}")
         vocab = self.embed.shape[0]
         self.check_result(ids.numel() * self.embed.shape[1])
         ids = ids.to(self.device)
@@ -71,8 +72,8 @@ class Engine:
 
     def linear(self, layer: int, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
         modules = [self.module(layer, name) for name in names]
-        for m in modules:
-            self.check_activation(x, m.in_features, f"layer {layer} {names[0]}")
+        for name, m in zip(names, modules, strict=True):
+            self.check_activation(x, m.in_features, f"layer {layer} {name}")
         self.check_result(x.numel() // max(x.shape[-1], 1) * sum(m.out_features for m in modules))
         x = x.to(self.device)
         return [F.linear(x, m.weight, m.bias) for m in modules]

@@ -37,11 +37,16 @@ class ModelSettings(LlamaSettings):
         return resolve_device(self.gpu_device)
 
 
-class ServerSettings(ModelSettings):
+class TransportSettings(LlamaSettings):
+    """Where the server listens, and this process's CURVE key: the same facts on both sides."""
+
     gpu_endpoint: str = Field(default_factory=default_endpoint)
+    curve_secret_key: str | None = Field(None, description="this process's .key_secret file: turns CURVE on")
+
+
+class ServerSettings(ModelSettings, TransportSettings):
     max_message_mb: PositiveFloat = Field(1024, description="inbound messages above this are dropped")
     max_result_mb: PositiveFloat = Field(2048, description="requests whose result would be larger are refused")
-    curve_secret_key: str | None = Field(None, description="this server's .key_secret file: turns CURVE on")
     curve_authorized_keys: str | None = Field(None, description="folder of the client public keys admitted")
 
     @model_validator(mode="after")

@@ -27,17 +27,11 @@ import msgpack
 import torch
 
 from protocol.errors import BadRequest, BadShape, VersionMismatch
-from protocol.messages import TensorSpec
+from protocol.messages import ITEMSIZE, TensorSpec
 
 PROTOCOL_VERSION = 1
 
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
+TORCH_DTYPES = {name: getattr(torch, name) for name in ITEMSIZE}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 

@@ -17,8 +17,6 @@ from torch import Tensor
 from tee_client.model import ModelSpec
 from tee_client.stats import Call, current
 
-BACKENDS = ("remote", "passthrough", "tee-only")
-
 
 class RemoteOps:
     def __init__(self, rpc):

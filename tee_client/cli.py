@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import typing
 
 from pydantic import ValidationError
 
@@ -10,7 +11,7 @@ from gpu_server.checkpoint import CheckpointError
 from gpu_server.cli import add_model_flags
 from protocol.endpoints import default_endpoint
 from protocol.errors import TSQPError, describe
-from tee_client.backends import BACKENDS
+from tee_client.settings import Backend, PrefillSettings
 
 PREFILL_EPILOG = f"""
 Flags may also come from the environment (a flag wins): LLAMA_GPU_ENDPOINT,
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre.add_argument(
         "--save-logits", metavar="logits.npz", help="write logits [B,N,vocab], input_ids and attention_mask"
     )
-    pre.add_argument("--backend", choices=BACKENDS, help="where the linear ops run (default remote)")
+    pre.add_argument("--backend", choices=typing.get_args(Backend), help="where the linear ops run (default remote)")
     add_model_flags(pre, where=" for passthrough/tee-only")
     pre.add_argument(
         "--timeout", dest="rpc_timeout", type=float, metavar="S", help="seconds to wait for one reply (default 30)"
@@ -88,7 +89,6 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from tee_client.prefill import run_prefill, save_outputs, summary
-    from tee_client.settings import PrefillSettings
 
     try:
         settings = PrefillSettings.from_args(args)

@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else {default_endpoint()})",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's first answer")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5; no retries)")
     p.add_argument("--max-size-mb", type=float, default=64, help="largest payload to time (default 64 MiB)")
     add_curve_flags(p)
     return p.parse_args(argv)

@@ -27,9 +27,9 @@ class RpcClient:
         self.wire_dtype = None  # floating tensors are cast to the server's dtype once Init says it
         self.fingerprint = None  # sent with every request once Init says it
         self.next_id = 0
-        self.context = zmq.Context()  # our own, so close() can wait until zmq is done with our buffers
         self.socket = None
         self.fail_fast_if_absent()
+        self.context = zmq.Context()  # our own, so close() can wait until zmq is done with our buffers
         self.connect()
 
     def call(self, method: str, args: dict | None = None, tensors: Sequence[Tensor] = ()) -> tuple[dict, list[Tensor]]:

@@ -4,15 +4,12 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from gpu_server.settings import LlamaSettings, ModelSettings, require_together
-from protocol.endpoints import default_endpoint
+from gpu_server.settings import ModelSettings, TransportSettings, require_together
 
 
-class ClientSettings(LlamaSettings):
-    gpu_endpoint: str = Field(default_factory=default_endpoint)
+class ClientSettings(TransportSettings):
     rpc_timeout: PositiveFloat = Field(30.0, description="seconds to wait for one reply")
     rpc_retries: int = Field(2, ge=0, description="resends over a fresh socket before giving up")
-    curve_secret_key: str | None = Field(None, description="this client's .key_secret file: turns CURVE on")
     curve_server_key: str | None = Field(None, description="the server's public .key file")
     model_fingerprint: str | None = Field(None, min_length=12, description="refuse a server holding another model")
 
@@ -33,8 +30,11 @@ class ClientSettings(LlamaSettings):
         )
 
 
+Backend = Literal["remote", "passthrough", "tee-only"]
+
+
 class PrefillSettings(ClientSettings, ModelSettings):
-    backend: Literal["remote", "passthrough", "tee-only"] = "remote"
+    backend: Backend = "remote"
     prefill_length: PositiveInt = 128
     tee_batch_size: PositiveInt = 1
     prompt: list[str] | None = None

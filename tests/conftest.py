@@ -1,5 +1,6 @@
 import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zmq
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from checkpoints import make_checkpoint
@@ -14,6 +16,11 @@ from gpu_server.launch import ServerProcess
 from tee_client.cli import main as tee_client
 
 BIN = Path(sys.executable).parent  # the console scripts installed beside this interpreter
+
+# Hermetic: a developer's exported LLAMA_* settings (a model, a dtype, an endpoint) must not
+# leak into the tests or the servers they start. The conversion cache may stay.
+for _name in [n for n in os.environ if n.startswith("LLAMA_") and n != "LLAMA_CACHE_DIR"]:
+    del os.environ[_name]
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +56,14 @@ def start_server(ipc_dir):
     yield start
     for s in servers:
         s.stop()
+
+
+def raw_socket(endpoint: str) -> zmq.Socket:
+    """A plain REQ socket (linger 0) for sending hand-made frames to a server."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
 
 
 def run_prefill_cli(endpoint: str, out_dir: Path, prompts: list[str], length: int, batch: int, *extra: str):

@@ -14,7 +14,7 @@ import torch
 import zmq
 from hypothesis import given, settings, strategies as st
 
-from conftest import BIN, reference_logits, run_prefill_cli
+from conftest import BIN, raw_socket, reference_logits, run_prefill_cli
 from gpu_server.launch import ServerProcess
 from protocol.errors import ServerUnavailable, VersionMismatch
 from protocol.messages import ITEMSIZE
@@ -124,13 +124,6 @@ def test_a_server_speaking_another_protocol_version_is_a_clear_error(ipc_dir):
         with RpcClient(endpoint, timeout_s=5) as rpc:
             with pytest.raises(VersionMismatch, match=f"protocol version 99, this side speaks {PROTOCOL_VERSION}"):
                 rpc.call("Ping")
-
-
-def raw_socket(endpoint: str) -> zmq.Socket:
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
 
 
 def test_oversize_message_is_dropped_and_the_server_carries_on(checkpoints, start_server):

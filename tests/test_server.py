@@ -8,9 +8,8 @@ import time
 
 import msgpack
 import pytest
-import zmq
 
-from conftest import BIN
+from conftest import BIN, raw_socket
 from protocol.wire import PROTOCOL_VERSION
 
 
@@ -28,9 +27,7 @@ def f32(*shape) -> tuple:
 
 
 def raw_call(endpoint: str, frames: list, timeout_ms: int = 10000) -> tuple[dict, list]:
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = raw_socket(endpoint)
     try:
         sock.send_multipart(frames)
         assert sock.poll(timeout_ms), "no reply"
@@ -100,9 +97,7 @@ def test_a_signal_finishes_the_request_in_hand_then_stops_cleanly(sig, checkpoin
     server = start_server("--model", str(checkpoints("gqa")))
     path = server.endpoint.removeprefix("ipc://")
     assert os.stat(path).st_mode & 0o777 == 0o600
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.endpoint)
+    sock = raw_socket(server.endpoint)
     sock.send_multipart(request("Ping"))  # connected, and the server idle in its loop
     assert sock.poll(10_000)
     sock.recv_multipart()
