@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-transport bench-prefill bench-stats bench-load clean
+.PHONY: install demo test test-fast lint bench bench-transport bench-prefill bench-stats bench-load clean
 
 install: $(STAMP)
 
@@ -23,8 +23,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# the in-process tier: no server process (handler, masks, trusted-side functions), under a minute
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not process"
+
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench-transport: install
 	$(BIN)/python -m benchmarks.transport

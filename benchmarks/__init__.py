@@ -1,3 +1,5 @@
 """Benchmarks: each script writes results/NAME.json and a PNG plot, and prints a table."""
 
-import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+from tsqp.cli import prefer_passive_openmp
+
+prefer_passive_openmp()  # every benchmark is an entry point: before torch loads

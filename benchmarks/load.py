@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
-from gpu_server.launch import ServerProcess  # noqa: E402
+from tsqp.launch import ServerProcess  # noqa: E402
 from tee_client.rpc import RpcClient  # noqa: E402
 
 

@@ -24,9 +24,10 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
-from gpu_server.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
-from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
-from tee_client.backends import make_ops  # noqa: E402
+from tsqp.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
+from protocol.endpoints import free_tcp_port  # noqa: E402
+from tsqp.launch import ServerProcess  # noqa: E402
+from tee_client.ops import make_ops  # noqa: E402
 from tee_client.model import Llama  # noqa: E402
 from tee_client.prefill import encode_batch  # noqa: E402
 from tee_client.settings import PrefillSettings  # noqa: E402
@@ -42,7 +43,7 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack) -> di
     from transformers import LlamaForCausalLM
 
     def tsqp(backend: str, endpoint: str = ipc) -> Callable:
-        """The ops object exactly as tee-client builds it (tee_client.backends.make_ops)."""
+        """The ops object exactly as tee-client builds it (tee_client.ops.make_ops)."""
         settings = PrefillSettings(
             backend=backend,
             gpu_endpoint=endpoint,
@@ -85,7 +86,7 @@ def measure(args) -> dict:
         forwards = placements(ipc, tcp, device, stack)
         tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
         for length, batch in POINTS:
-            ids, mask, _ = encode_batch(tokenizer, [PROMPT], batch, length)
+            ids, mask, *_ = encode_batch(tokenizer, [PROMPT], batch, length)
             for forward in forwards.values():
                 for _ in range(args.warmup):
                     forward(ids, mask)

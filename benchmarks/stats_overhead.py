@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
-from gpu_server.launch import ServerProcess  # noqa: E402
-from tee_client.backends import RemoteOps  # noqa: E402
+from tsqp.launch import ServerProcess  # noqa: E402
+from tee_client.ops import RemoteOps  # noqa: E402
 from tee_client.model import Llama  # noqa: E402
 from tee_client.prefill import encode_batch  # noqa: E402
 from tee_client.rpc import RpcClient  # noqa: E402
@@ -65,7 +65,7 @@ def measure(length: int, runs: int) -> tuple[dict, dict]:
             ops = RemoteOps(rpc)
             spec = ops.init()
             model = Llama(spec, ops)
-            ids, mask, _ = encode_batch(spec.tokenizer, ["The capital of France is"], 1, length)
+            ids, mask, *_ = encode_batch(spec.tokenizer, ["The capital of France is"], 1, length)
             for _ in range(2):
                 forward_seconds(model, ids, mask, True)
             counted = Stats()

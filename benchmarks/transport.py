@@ -17,9 +17,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
-from gpu_server.launch import ServerProcess, free_tcp_port  # noqa: E402
+from protocol.endpoints import free_tcp_port  # noqa: E402
+from tsqp.launch import ServerProcess  # noqa: E402
 from tee_client import probe  # noqa: E402
-from tee_client.diagnose import human  # noqa: E402
+from tee_client.probe import human  # noqa: E402
 from tee_client.rpc import RpcClient  # noqa: E402
 
 

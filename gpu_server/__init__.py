@@ -1,3 +1,1 @@
 """gpu-server: the untrusted, accelerator side of TSQP."""
-
-import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)

@@ -1,3 +1,5 @@
+"""python -m gpu_server: the same as the gpu-server command."""
+
 import sys
 
 from gpu_server.cli import main

@@ -1,24 +1,20 @@
 """gpu-server: hold a Llama model's weights on a device and answer tee-client's linear ops."""
 
 import argparse
+import logging
 import sys
-import typing
 
-from pydantic import ValidationError
-
-from gpu_server.checkpoint import CheckpointError
-from gpu_server.server import EndpointBusy, Server
-from gpu_server.settings import DTypeName, ServerSettings
 from protocol.endpoints import default_endpoint
-from protocol.errors import describe
+from tsqp.cli import add_model_flags, prefer_passive_openmp, run_cli
 
 EPILOG = f"""
 Each flag can also come from the environment: LLAMA_MODEL_PATH, LLAMA_GPU_ENDPOINT,
 LLAMA_GPU_DEVICE, LLAMA_DTYPE, LLAMA_MAX_MESSAGE_MB, LLAMA_MAX_RESULT_MB,
-LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_AUTHORIZED_KEYS; a flag wins.
+LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_AUTHORIZED_KEYS, LLAMA_LOG_LEVEL, LLAMA_RECORD_DIR;
+a flag wins.
 The default endpoint is {default_endpoint()}, in a folder only you can enter.
-The server prints one line containing 'ready' once it answers; SIGINT or SIGTERM stop it
-after the request in hand.
+The server prints one line containing 'ready' once it answers, and 'gpu-server stopped' when
+it is done; SIGINT or SIGTERM stop it after the request in hand. Its log goes to stderr.
 """
 
 
@@ -36,33 +32,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this server's .key_secret (see tsqp-keygen)")
     p.add_argument("--curve-authorized-keys", metavar="DIR", help="CURVE: folder of the client .key files admitted")
+    p.add_argument(
+        "--record",
+        dest="record_dir",
+        metavar="DIR",
+        help="save every tensor every request sends to this server in DIR (what a spying host would keep: "
+        "for audits and tests; off by default, loud in the log when on)",
+    )
+    p.add_argument(
+        "--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level (default INFO)"
+    )
     return p.parse_args(argv)
 
 
-def add_model_flags(p: argparse.ArgumentParser, where: str = "") -> None:
-    """--model, --device, --dtype: the ModelSettings fields, for gpu-server and tee-client alike."""
-    p.add_argument(
-        "--model",
-        dest="model_path",
-        metavar="PATH",
-        help=f"Hugging Face checkpoint folder or .gguf file{where} (default: the embedded SmolLM2-135M)",
-    )
-    p.add_argument(
-        "--device",
-        dest="gpu_device",
-        metavar="DEVICE",
-        help=f"cpu, cuda or cuda:N{where} (default: cuda when available, else cpu)",
-    )
-    p.add_argument(
-        "--dtype", choices=typing.get_args(DTypeName), help=f"weights and wire dtype{where} (default float32)"
-    )
-
-
 def main(argv=None) -> int:
+    prefer_passive_openmp()  # before torch loads
     args = parse_args(argv)
-    try:
-        Server(ServerSettings.from_args(args)).run()
-    except (CheckpointError, EndpointBusy, ValueError, OSError, ValidationError) as e:
-        print(f"gpu-server: error: {describe(e)}", file=sys.stderr)
-        return 1
-    return 0
+
+    def serve() -> int:
+        from gpu_server.server import Server
+        from gpu_server.settings import ServerSettings
+
+        settings = ServerSettings.from_args(args)
+        logging.basicConfig(level=settings.log_level, format="gpu-server: %(levelname)s: %(message)s", force=True)
+        Server(settings).run()
+        return 0
+
+    return run_cli("gpu-server", serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.errors import UsageError
+
 IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 
@@ -34,25 +36,24 @@ class Endpoint:
     transport: str  # "ipc" or "tcp"
     path: str = ""  # ipc
     host: str = ""  # tcp
-    port: int = 0
 
     @classmethod
     def parse(cls, url: str) -> "Endpoint":
         transport, sep, rest = url.partition("://")
         if not sep:
-            raise ValueError(f"endpoint {url!r} names no transport: use ipc:///path/to/socket or tcp://host:port")
+            raise UsageError(f"endpoint {url!r} names no transport: use ipc:///path/to/socket or tcp://host:port")
         if transport == "ipc":
             if not rest.startswith("/"):
-                raise ValueError(f"endpoint {url!r}: an ipc path must be absolute (ipc:///tmp/x.ipc)")
+                raise UsageError(f"endpoint {url!r}: an ipc path must be absolute (ipc:///tmp/x.ipc)")
             if len(rest.encode()) > IPC_PATH_MAX:
-                raise ValueError(f"endpoint {url!r}: ipc paths are limited to {IPC_PATH_MAX} bytes")
+                raise UsageError(f"endpoint {url!r}: ipc paths are limited to {IPC_PATH_MAX} bytes")
             return cls(url, "ipc", path=rest)
         if transport == "tcp":
             host, _, port = rest.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"endpoint {url!r}: expected tcp://host:port with a port in 1..65535")
-            return cls(url, "tcp", host=host.strip("[]"), port=int(port))
-        raise ValueError(f"endpoint {url!r}: unknown transport {transport!r} (ipc or tcp)")
+                raise UsageError(f"endpoint {url!r}: expected tcp://host:port with a port in 1..65535")
+            return cls(url, "tcp", host=host.strip("[]"))
+        raise UsageError(f"endpoint {url!r}: unknown transport {transport!r} (ipc or tcp)")
 
     @property
     def is_loopback(self) -> bool:
@@ -81,15 +82,27 @@ def probe_ipc(path: str) -> str:
         except OSError as e:
             if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
                 return "stale"
-            raise
+            if e.errno not in (errno.EAGAIN, errno.ETIMEDOUT):  # a full backlog: someone listens
+                raise
     return "live"
 
 
 def make_private_dir(path: Path) -> None:
-    """Create `path` as 0700, or check that it already is ours and private."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise PermissionError(f"{path} belongs to another user; choose another --endpoint")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    """Create `path` and every missing folder above it as 0700, or check that it is ours and private."""
+    try:
+        for folder in reversed([p for p in (path, *path.parents) if not p.exists()]):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        st = path.stat()
+        if st.st_uid != os.getuid():
+            raise UsageError(f"{path} belongs to another user; choose another folder")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(path, 0o700)
+    except OSError as e:
+        raise UsageError(f"cannot make the private folder {path}: {e.strerror}") from None
+
+
+def free_tcp_port() -> int:
+    """A loopback port nobody listens on right now (for tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,12 +1,26 @@
-"""Errors that cross the wire, and the few the client raises on its own.
+"""Every error this service raises on purpose, on either side, and how errors cross the wire.
 
-A server never dies on a bad request: it replies {"ok": false, "error": {"type", "message"}}
-with `type` the class name of one of these, and the client re-raises it as `RemoteError`.
+`TSQPError` is the one root: the three CLIs catch it (one clear line, exit 1), and anything
+else is a bug that keeps its traceback. A server never dies on a bad request: it replies
+{"ok": false, "error": {"type", "message"}} with `type` the class name of one of the
+`WIRE_ERRORS` below, and the client re-raises the same class (`from_reply`).
 """
 
 
 class TSQPError(Exception):
     """Base class of every error this service raises on purpose."""
+
+
+class UsageError(TSQPError):
+    """A setting, flag or file given by the user cannot be used."""
+
+
+class CheckpointError(TSQPError):
+    """The model path does not hold a loadable Llama checkpoint."""
+
+
+class EndpointBusy(TSQPError):
+    """Another server holds the endpoint, or it cannot be bound."""
 
 
 class BadRequest(TSQPError):
@@ -33,21 +47,41 @@ class TooLarge(BadRequest):
     """A request or its result is over the server's size cap."""
 
 
-class RemoteError(TSQPError):
-    """The server answered with an error reply."""
-
-    def __init__(self, type: str, message: str):
-        super().__init__(f"{type}: {message}")
-        self.type = type
-        self.message = message
+class ModelMismatch(TSQPError):
+    """The server holds a different model than the one this client initialised with."""
 
 
 class ServerUnavailable(TSQPError):
     """Nothing answered at the endpoint within the deadline, after every retry."""
 
 
-class ModelMismatch(TSQPError):
-    """The server holds a different model than the one this client initialised with."""
+class ServerStopping(ServerUnavailable):
+    """The server is shutting down and will not answer this request."""
+
+
+class RemoteError(TSQPError):
+    """The server failed in a way it does not name (an internal error, or a type this side does not know)."""
+
+
+WIRE_ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        BadRequest,
+        VersionMismatch,
+        UnknownMethod,
+        UnknownModule,
+        BadShape,
+        TooLarge,
+        ModelMismatch,
+        ServerStopping,
+    )
+}
+
+
+def from_reply(type_name: str, message: str) -> TSQPError:
+    """The error a reply names, as its own class (RemoteError for any other type)."""
+    cls = WIRE_ERRORS.get(type_name)
+    return cls(message) if cls else RemoteError(f"{type_name}: {message}")
 
 
 def describe(e: Exception) -> str:

@@ -1,16 +1,18 @@
-"""Pydantic models of every header that crosses the wire, and the method table.
+"""Pydantic models of every header that crosses the wire, and of each method's arguments.
 
-Each header is validated here before anything is allocated or computed.
+Each header is validated here before anything is allocated or computed; which method takes
+which arguments is the method table's business (tsqp.methods).
 """
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}  # every dtype the wire carries
 DType = Literal[tuple(ITEMSIZE)]
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_DIMS = 8
+MAX_ELEMENTS = 2**40  # bounds every dimension and the element count (zero dims counted as one)
 
 
 class Strict(BaseModel):
@@ -19,7 +21,17 @@ class Strict(BaseModel):
 
 class TensorSpec(Strict):
     dtype: DType
-    shape: Annotated[list[NonNegativeInt], Field(max_length=MAX_DIMS)]
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]], Field(max_length=MAX_DIMS)]
+
+    @field_validator("shape")
+    @classmethod
+    def bounded(cls, shape: list[int]) -> list[int]:
+        extent = 1
+        for d in shape:  # an empty tensor can still have strides that overflow int64
+            extent *= max(d, 1)
+        if extent > MAX_ELEMENTS:
+            raise ValueError(f"shape {shape} spans more than 2**40 elements")
+        return shape
 
     @property
     def numel(self) -> int:
@@ -70,33 +82,32 @@ class NoArgs(Strict):
     pass
 
 
+def distinct(names: list[str]) -> list[str]:
+    if len(set(names)) != len(names):
+        raise ValueError("module names must be distinct")
+    return names
+
+
+ModuleNames = Annotated[list[Literal[MODULES]], Field(min_length=1, max_length=3), AfterValidator(distinct)]
+
+
 class LinearArgs(Strict):
     layer: NonNegativeInt
-    names: Annotated[list[Literal[MODULES]], Field(min_length=1, max_length=3)]
-
-    @field_validator("names")
-    @classmethod
-    def distinct(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise ValueError("module names must be distinct")
-        return names
+    names: ModuleNames
+    bias: bool = True  # the mix privacy mode adds biases itself, after un-mixing
 
 
 class MatmulArgs(Strict):
     transpose_b: bool = False
 
 
-class Method(Strict):
-    args: type[BaseModel]
-    n_tensors: int | None  # None: any number (Echo)
+class RingArgs(Strict):
+    """The ring Z_2^ring_bits of the otp privacy mode, and its limb width (tsqp.ring)."""
+
+    ring_bits: Annotated[int, Field(ge=2, le=62)]
+    limb_bits: Annotated[int, Field(ge=1, le=53)]
 
 
-METHODS: dict[str, Method] = {
-    "Init": Method(args=NoArgs, n_tensors=0),
-    "Ping": Method(args=NoArgs, n_tensors=0),
-    "Echo": Method(args=NoArgs, n_tensors=None),
-    "Embedding": Method(args=NoArgs, n_tensors=1),
-    "Linear": Method(args=LinearArgs, n_tensors=1),
-    "Matmul": Method(args=MatmulArgs, n_tensors=2),
-    "LMHead": Method(args=NoArgs, n_tensors=1),
-}
+class LinearRingArgs(RingArgs):
+    layer: NonNegativeInt
+    names: ModuleNames

@@ -21,6 +21,7 @@ Tensor elements are never msgpacked: a tensor crosses as one frame, zero-copy ab
 the result to host memory and framing it, everything but the final send.
 """
 
+import warnings
 from collections.abc import Sequence
 
 import msgpack
@@ -30,6 +31,9 @@ from protocol.errors import BadRequest, BadShape, VersionMismatch
 from protocol.messages import ITEMSIZE, TensorSpec
 
 PROTOCOL_VERSION = 1
+
+# Received frames are read-only and tensors view them without a copy; nothing writes to them.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in ITEMSIZE}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}

@@ -1,3 +1,1 @@
-"""tee-client: the trusted side of TSQP."""
-
-import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+"""tee-client: the trusted side of TSQP. It imports protocol and tsqp, never gpu_server."""

@@ -1,32 +1,31 @@
 """tee-client: the trusted side of TSQP. Owns the prompt, the tokenizer and every non-linear step."""
 
 import argparse
-import json
 import sys
 import typing
 
-from pydantic import ValidationError
-
-from gpu_server.checkpoint import CheckpointError
-from gpu_server.cli import add_model_flags
 from protocol.endpoints import default_endpoint
-from protocol.errors import TSQPError, describe
-from tee_client.settings import Backend, PrefillSettings
+from tsqp.cli import add_model_flags, prefer_passive_openmp, run_cli
 
 PREFILL_EPILOG = f"""
 Flags may also come from the environment (a flag wins): LLAMA_GPU_ENDPOINT,
 LLAMA_PREFILL_LENGTH, LLAMA_TEE_BATCH_SIZE, LLAMA_PROMPT_PATH, LLAMA_TEE_RESULT_PATH,
 LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY, LLAMA_MODEL_FINGERPRINT,
-LLAMA_BACKEND, LLAMA_SAVE_LOGITS, LLAMA_WARMUP, LLAMA_REPEAT, and for the in-process
-backends LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE (tee-only always runs on the CPU).
+LLAMA_BACKEND, LLAMA_PRIVACY, LLAMA_MIX_BLOCK, LLAMA_SAVE_LOGITS, LLAMA_WARMUP, LLAMA_REPEAT,
+and for the in-process backends and the privacy modes LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE,
+LLAMA_DTYPE (tee-only always runs on the CPU).
 The default endpoint is {default_endpoint()}.
 
-With --backend remote (the default) the client needs only the endpoint: the model's config,
-norm weights, rope parameters and tokenizer arrive in the server's Init reply.
+With --backend remote and --privacy plain (the defaults) the client needs only the endpoint:
+the model's config, norm weights, rope parameters and tokenizer arrive in the server's Init
+reply. With --privacy otp or mix it loads its own copy of --model (same --dtype as the server)
+and refuses a server whose fingerprint differs.
 """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from tee_client.settings import Backend, Privacy
+
     p = argparse.ArgumentParser(prog="tee-client", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser(
@@ -47,21 +46,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         dest="prefill_length",
         type=int,
         metavar="N",
-        help="tokens per sequence: pad or truncate to N (default 128)",
+        help="tokens per sequence: pad or truncate to N (default 128; at most the model's context)",
     )
     pre.add_argument(
         "--batch-size",
         dest="tee_batch_size",
         type=int,
         metavar="B",
-        help="sequences; prompts are cycled to fill (default 1)",
+        help="sequences; prompts are cycled to fill (default: one per prompt)",
     )
     pre.add_argument("--output", dest="tee_result_path", metavar="result.json", help="write the result JSON here")
     pre.add_argument(
         "--save-logits", metavar="logits.npz", help="write logits [B,N,vocab], input_ids and attention_mask"
     )
     pre.add_argument("--backend", choices=typing.get_args(Backend), help="where the linear ops run (default remote)")
-    add_model_flags(pre, where=" for passthrough/tee-only")
+    pre.add_argument(
+        "--privacy",
+        choices=typing.get_args(Privacy),
+        help="what the GPU host may see: plain (everything; the default), otp (uniform one-time-padded ring "
+        "elements: nothing about the prompt), mix (tokens mixed in fresh random blocks: heuristic, faster); "
+        "otp and mix keep token ids and attention in this process and load --model here too",
+    )
+    pre.add_argument(
+        "--mix-block",
+        dest="mix_block",
+        type=int,
+        metavar="K",
+        help="tokens mixed together in --privacy mix (default 16)",
+    )
+    add_model_flags(pre, where=" for passthrough/tee-only and the privacy modes")
     pre.add_argument(
         "--timeout", dest="rpc_timeout", type=float, metavar="S", help="seconds to wait for one reply (default 30)"
     )
@@ -87,15 +100,31 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
+    prefer_passive_openmp()  # before torch loads
     args = parse_args(argv)
-    from tee_client.prefill import run_prefill, save_outputs, summary
 
-    try:
+    def prefill() -> int:
+        import json
+
+        from tee_client.prefill import run_prefill, save_outputs, summary
+        from tee_client.settings import PrefillSettings
+
         settings = PrefillSettings.from_args(args)
         result, logits, input_ids, attention_mask = run_prefill(settings)
         save_outputs(settings, result, logits, input_ids, attention_mask)
-    except (TSQPError, CheckpointError, ValueError, OSError, ValidationError) as e:
-        print(f"tee-client: error: {describe(e)}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2) if args.json else summary(result))
-    return 0
+        print(json.dumps(result, indent=2) if args.json else summary(result))
+        return 0
+
+    return run_cli("tee-client", prefill)
+
+
+def diagnose_transport(argv=None) -> int:
+    """The diagnose-transport command (tee_client.diagnose), with the same start as tee-client."""
+    prefer_passive_openmp()  # before torch loads
+    from tee_client.diagnose import main as diagnose
+
+    return diagnose(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

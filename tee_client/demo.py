@@ -3,7 +3,7 @@
 import sys
 import tempfile
 
-from gpu_server.launch import ServerProcess
+from tsqp.launch import ServerProcess
 from tee_client.cli import main as tee_client
 
 

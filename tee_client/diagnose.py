@@ -13,13 +13,12 @@ import stat
 import sys
 import tempfile
 
-from pydantic import ValidationError
-
 from protocol.endpoints import Endpoint, default_endpoint, probe_ipc
-from protocol.errors import RemoteError, ServerUnavailable, describe
+from protocol.errors import ServerUnavailable, TSQPError, VersionMismatch
 from tee_client import probe
 from tee_client.cli import add_curve_flags
 from tee_client.settings import ClientSettings
+from tsqp.cli import run_cli, timeout_arg
 
 TRANSPORT_NOTES = {
     "ipc": "ipc: a Unix-domain socket, this host only, no TCP stack: the fast path for one host",
@@ -39,10 +38,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"the gpu-server endpoint (default: LLAMA_GPU_ENDPOINT, else {default_endpoint()})",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply (default 5; no retries)")
-    p.add_argument("--max-size-mb", type=float, default=64, help="largest payload to time (default 64 MiB)")
+    p.add_argument(
+        "--timeout", type=timeout_arg, default=5.0, help="seconds to wait for each reply (default 5; no retries)"
+    )
+    p.add_argument(
+        "--max-size-mb", type=size_arg, default=64, help="largest payload to time, 0 to 1024 (default 64 MiB)"
+    )
     add_curve_flags(p)
     return p.parse_args(argv)
+
+
+def size_arg(text: str) -> float:
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = -1.0
+    if not 0 <= mb <= 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in MiB between 0 and 1024")
+    return mb
 
 
 def diagnose(settings: ClientSettings, timeout_s: float = 5.0, max_size: int = 64 * probe.MiB) -> dict:
@@ -79,8 +92,10 @@ def server_side(settings: ClientSettings, timeout_s: float, sizes: list[int], no
             return server, [{"size": s, **t} for s, t in zip(sizes, timed, strict=True)]
     except ServerUnavailable as e:
         notes.append(f"nothing answers: {e}")
-    except RemoteError as e:
-        notes.append(f"a server answers but refuses the protocol ({e}); client and server versions differ")
+    except VersionMismatch as e:
+        notes.append(f"a server answers but refuses the protocol version ({e}); client and server releases differ")
+    except TSQPError as e:
+        notes.append(f"a server answers but the call failed: {type(e).__name__}: {e}")
     return None, []
 
 
@@ -161,7 +176,7 @@ def render(r: dict) -> str:
             else f"{'-':>16} {'-':>9} {'-':>7} {'-':>10}"
         )
         lines.append(
-            f"{human(size):>10} {proto} {rw['median_ms']:>16.3f} {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}"
+            f"{probe.human(size):>10} {proto} {rw['median_ms']:>16.3f} {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}"
         )
     m = r["memcpy"]
     lines.append(
@@ -172,20 +187,19 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def human(n: int) -> str:
-    return f"{n} B" if n < probe.KiB else (f"{n // probe.KiB} KiB" if n < probe.MiB else f"{n // probe.MiB} MiB")
-
-
 def main(argv=None) -> int:
+    """diagnose-transport's body; the command itself is tee_client.cli.diagnose_transport."""
     args = parse_args(argv)
-    try:
+
+    def run() -> int:
         report = diagnose(ClientSettings.from_args(args), args.timeout, int(args.max_size_mb * probe.MiB))
-    except (ValueError, OSError, ValidationError) as e:
-        print(f"diagnose-transport: error: {describe(e)}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=2) if args.json else render(report))
-    return 0 if report["ok"] else 1
+        print(json.dumps(report, indent=2) if args.json else render(report))
+        return 0 if report["ok"] else 1
+
+    return run_cli("diagnose-transport", run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tee_client.cli import diagnose_transport
+
+    sys.exit(diagnose_transport())

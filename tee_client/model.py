@@ -3,59 +3,16 @@
 This file is the trusted side: RMSNorm, RoPE, the causal + padding mask, softmax, SiLU·up,
 the residual adds and the grouped-query head bookkeeping run here, in float32. Everything
 that touches a weight matrix, and the two attention matmuls Q·Kᵀ and P·V, is delegated to
-an `Ops` object: remote over ZeroMQ, or in-process (tee_client.backends). No zmq in here.
+an `Ops` object: remote over ZeroMQ, or in-process (tee_client.ops). No zmq in here.
 """
-
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tee_client.ops import Ops
 from tee_client.stats import tee_op
-
-
-@dataclass
-class ModelSpec:
-    """What the trusted side needs, as sent in the Init reply."""
-
-    config: object  # transformers.LlamaConfig
-    norms: dict[str, Tensor]
-    tokenizer: object
-    name: str
-    fingerprint: str
-    dtype: torch.dtype  # the server's weights, and the wire's floating dtype
-
-    @classmethod
-    def from_init(cls, result: dict, tensors: list[Tensor]) -> "ModelSpec":
-        from transformers import AutoTokenizer, LlamaConfig
-
-        from protocol.wire import TORCH_DTYPES
-
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in result["tokenizer"].items():
-                (Path(tmp) / Path(name).name).write_bytes(data)
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
-        return cls(
-            config=LlamaConfig.from_dict(result["config"]),
-            norms={n: t.float().clone() for n, t in zip(result["norms"], tensors, strict=True)},
-            tokenizer=tokenizer,
-            name=result["model"],
-            fingerprint=result["fingerprint"],
-            dtype=TORCH_DTYPES[result["dtype"]],
-        )
-
-
-class Ops(Protocol):
-    def init(self) -> ModelSpec: ...
-    def embedding(self, input_ids: Tensor) -> Tensor: ...
-    def linear(self, layer: int, names: Sequence[str], x: Tensor) -> list[Tensor]: ...
-    def matmul(self, a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor: ...
-    def lm_head(self, x: Tensor) -> Tensor: ...
+from tsqp.spec import ModelSpec, head_dim
 
 
 class Llama:
@@ -65,7 +22,7 @@ class Llama:
         self.n_layers = c.num_hidden_layers
         self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.n_rep = self.n_heads // self.n_kv_heads
-        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // self.n_heads
+        self.head_dim = head_dim(c)
         self.scale = self.head_dim**-0.5
         self.eps = c.rms_norm_eps
         self.attention_norms = [spec.norms[f"layers.{i}.input_layernorm"] for i in range(self.n_layers)]
@@ -164,7 +121,7 @@ def rope_frequencies(config, seqlen: int) -> tuple[Tensor, float]:
 
     params = config.rope_parameters
     if params["rope_type"] == "default":
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = head_dim(config)
         return 1.0 / params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0
     # dynamic NTK rescales only once the sequence outgrows max_position_embeddings
     grown = params["rope_type"] == "dynamic" and seqlen > config.max_position_embeddings

@@ -2,15 +2,16 @@
 
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from protocol.errors import ModelMismatch
-from tee_client.backends import make_ops
+from protocol.errors import ModelMismatch, UsageError
 from tee_client.model import Llama
+from tee_client.ops import make_ops
 from tee_client.settings import PrefillSettings
 from tee_client.stats import Stats
 
@@ -20,14 +21,58 @@ DEFAULT_PROMPTS = ["The capital of France is"]
 def read_prompts(settings: PrefillSettings) -> list[str]:
     prompts = list(settings.prompt or [])
     if settings.prompt_path:
-        text = Path(settings.prompt_path).read_text(encoding="utf-8")
-        prompts += [line for line in text.splitlines() if line.strip()]
+        try:
+            text = Path(settings.prompt_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read the prompt file {settings.prompt_path}: {e}") from None
+        from_file = [line for line in text.splitlines() if line.strip()]
+        if not from_file:
+            raise UsageError(f"the prompt file {settings.prompt_path} holds no prompt (one per non-empty line)")
+        prompts += from_file
     return prompts or DEFAULT_PROMPTS
+
+
+def check_writable(*paths: str | None) -> None:
+    """Fail before the prefill, not after it, when an output cannot be written."""
+    for path in filter(None, paths):
+        target = Path(path)
+        if target.is_dir():
+            raise UsageError(f"{path} is a folder; give a file name")
+        if not target.parent.is_dir():
+            raise UsageError(f"cannot write {path}: the folder {target.parent} does not exist")
+        if not os.access(target.parent, os.W_OK):
+            raise UsageError(f"cannot write {path}: no write permission in {target.parent}")
+
+
+def check_length(config, batch: int, length: int) -> None:
+    """Refuse a length past the model's context, or one whose attention would not fit in memory."""
+    params = getattr(config, "rope_parameters", None) or {}
+    context = config.max_position_embeddings * (params.get("factor", 1) if params.get("rope_type") == "dynamic" else 1)
+    if length > context:
+        raise UsageError(f"--length {length} is past the model's context of {int(context)} tokens")
+    # the largest buffers of one forward: a layer's scores and probabilities, the mask, the logits
+    need = 4 * batch * (2 * config.num_attention_heads * length**2 + length**2 + 2 * length * config.vocab_size)
+    available = available_memory()
+    if available is not None and need > available:
+        raise UsageError(
+            f"batch {batch} x length {length} needs about {need / 2**30:.1f} GiB at once, "
+            f"more than the {available / 2**30:.1f} GiB available; use a shorter --length or a smaller --batch-size"
+        )
+
+
+def available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def encode_batch(tokenizer, prompts: list[str], batch_size: int, length: int):
     """Prompts cycled to fill the batch, each right-padded or truncated to `length`."""
-    rows = [tokenizer(p)["input_ids"][:length] for p in itertools.islice(itertools.cycle(prompts), batch_size)]
+    full = [tokenizer(p)["input_ids"] for p in itertools.islice(itertools.cycle(prompts), batch_size)]
+    rows = [r[:length] for r in full]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt is empty after tokenization")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -36,25 +81,34 @@ def encode_batch(tokenizer, prompts: list[str], batch_size: int, length: int):
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
         attention_mask[i, : len(row)] = 1
-    return input_ids, attention_mask, [len(r) for r in rows]
+    return input_ids, attention_mask, [len(r) for r in rows], [len(r) for r in full]
 
 
 def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The result JSON, and the logits, input_ids and attention_mask of the timed run."""
-    prompts = read_prompts(settings)  # a bad prompt file fails before any model loads
+    prompts = read_prompts(settings)  # a bad prompt file or output path fails before any model loads
+    check_writable(settings.tee_result_path, settings.save_logits)
+    batch_size = settings.tee_batch_size or len(prompts)
     ops = make_ops(settings)
     try:
         init_stats = Stats()
         with init_stats.recording():
             spec = ops.init()
         check_pinned(spec, settings.model_fingerprint)
+        check_length(spec.config, batch_size, settings.prefill_length)
         model = Llama(spec, ops)
-        input_ids, attention_mask, lengths = encode_batch(
-            spec.tokenizer, prompts, settings.tee_batch_size, settings.prefill_length
+        rows = batch_size * settings.prefill_length
+        offline_ns = prepare(ops, rows)  # the first forward's pads: drawn before the prompt is tokenized
+        input_ids, attention_mask, lengths, full_lengths = encode_batch(
+            spec.tokenizer, prompts, batch_size, settings.prefill_length
         )
         for _ in range(settings.warmup):
             model.forward(input_ids, attention_mask)
-        runs = [timed_forward(model, input_ids, attention_mask) for _ in range(settings.repeat)]
+            offline_ns = prepare(ops, rows)
+        runs = []
+        for _ in range(settings.repeat):
+            runs.append(timed_forward(model, input_ids, attention_mask, offline_ns))
+            offline_ns = prepare(ops, rows)
     finally:
         ops.close()
     seconds = [r[0] for r in runs]
@@ -64,10 +118,11 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         "mode": "prefill",
         "backend": settings.backend,
         "endpoint": settings.gpu_endpoint if settings.backend == "remote" else None,
+        "privacy": None if settings.backend == "tee-only" else settings.privacy,
         "model": spec.name,
         "fingerprint": spec.fingerprint,
         "dtype": str(spec.dtype).removeprefix("torch."),
-        "batch_size": settings.tee_batch_size,
+        "batch_size": batch_size,
         "prefill_length": settings.prefill_length,
         "actual_lengths": lengths,
         "time_seconds": elapsed,
@@ -75,7 +130,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         "warmup_runs": settings.warmup,
         "total_tokens": input_ids.numel(),
         "throughput_tokens_per_sec": input_ids.numel() / elapsed,
-        "predictions": predictions(spec.tokenizer, prompts, logits, lengths),
+        "predictions": predictions(spec.tokenizer, prompts, input_ids, logits, lengths, full_lengths),
         **stats.summary(int(elapsed * 1e9)),
     }
     return result, logits, input_ids, attention_mask
@@ -89,8 +144,15 @@ def check_pinned(spec, pinned: str | None) -> None:
         )
 
 
-def timed_forward(model: Llama, input_ids, attention_mask):
-    stats = Stats()
+def prepare(ops, rows: int) -> int:
+    """The offline phase of a privacy mode (pads for the next forward of `rows` tokens); its ns."""
+    t0 = time.perf_counter_ns()
+    ops.prepare(rows)
+    return time.perf_counter_ns() - t0
+
+
+def timed_forward(model: Llama, input_ids, attention_mask, offline_ns: int = 0):
+    stats = Stats(offline_ns=offline_ns)
     with stats.recording():
         t0 = time.perf_counter_ns()
         logits = model.forward(input_ids, attention_mask)
@@ -98,11 +160,15 @@ def timed_forward(model: Llama, input_ids, attention_mask):
     return elapsed, stats, logits
 
 
-def predictions(tokenizer, prompts, logits, lengths) -> list[dict]:
+def predictions(tokenizer, prompts, input_ids, logits, lengths, full_lengths) -> list[dict]:
+    """Per row: its prompt, the next token, and what was used of a prompt cut to --length."""
     out = []
-    for i, (prompt, n) in enumerate(zip(itertools.cycle(prompts), lengths)):
+    for i, (prompt, n, full) in enumerate(zip(itertools.cycle(prompts), lengths, full_lengths)):
         token_id = int(logits[i, n - 1].argmax())
-        out.append({"prompt": prompt, "next_token_id": token_id, "next_token": tokenizer.decode([token_id])})
+        row = {"prompt": prompt, "next_token_id": token_id, "next_token": tokenizer.decode([token_id])}
+        if n < full:
+            row["truncated_to"] = tokenizer.decode(input_ids[i, :n], skip_special_tokens=True)
+        out.append(row)
     return out
 
 
@@ -130,8 +196,13 @@ def summary(result: dict) -> str:
         f"({pct['gpu_compute']:.1f}%)  tee compute {t['tee_compute_ms']:.1f} ms ({pct['tee_compute']:.1f}%)  "
         f"other {t['other_ms']:.1f} ms",
         f"  data to gpu {data['to_gpu_mb']:.1f} MB, to cpu {data['to_cpu_mb']:.1f} MB",
-        "  method       calls   sent MB   recv MB   rtt p50 ms   rtt p99 ms   total ms   server ms",
     ]
+    retries = sum(m["retries"] for m in result["rpc"].values())
+    if retries:
+        lines.append(
+            f"  {retries} resend(s) after no reply: {t['retry_wait_ms']:.1f} ms waited, not counted as transfer"
+        )
+    lines.append("  method       calls   sent MB   recv MB   rtt p50 ms   rtt p99 ms   total ms   server ms")
     for method, m in result["rpc"].items():
         lines.append(
             f"  {method:<11}{m['calls']:>6}{m['bytes_sent'] / 1e6:>10.2f}{m['bytes_received'] / 1e6:>10.2f}"
@@ -139,5 +210,6 @@ def summary(result: dict) -> str:
             f"{m['server_compute_ms']:>12.1f}"
         )
     for p in result["predictions"]:
-        lines.append(f"  {p['prompt']!r} -> {p['next_token']!r} (id {p['next_token_id']})")
+        used = f"{p['truncated_to']!r} (cut to --length)" if "truncated_to" in p else repr(p["prompt"])
+        lines.append(f"  {used} -> {p['next_token']!r} (id {p['next_token_id']})")
     return "\n".join(lines)

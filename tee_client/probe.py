@@ -39,6 +39,11 @@ def spread(samples_ns) -> dict:
     }
 
 
+def human(n: int) -> str:
+    """A byte count as people say it: 512 B, 4 KiB, 64 MiB."""
+    return f"{n} B" if n < KiB else (f"{n // KiB} KiB" if n < MiB else f"{n // MiB} MiB")
+
+
 def gbps(size: int, seconds: float, ways: int = 2) -> float:
     return ways * size / seconds / 1e9 if seconds > 0 else float("nan")
 

@@ -2,14 +2,14 @@
 
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
-from gpu_server.settings import ModelSettings, TransportSettings, require_together
+from tsqp.settings import ModelSettings, Timeout, TransportSettings, require_together
 
 
 class ClientSettings(TransportSettings):
-    rpc_timeout: PositiveFloat = Field(30.0, description="seconds to wait for one reply")
-    rpc_retries: int = Field(2, ge=0, description="resends over a fresh socket before giving up")
+    rpc_timeout: Timeout = Field(30.0, description="seconds to wait for one reply")
+    rpc_retries: int = Field(2, ge=0, le=100, description="resends over a fresh socket before giving up")
     curve_server_key: str | None = Field(None, description="the server's public .key file")
     model_fingerprint: str | None = Field(None, min_length=12, description="refuse a server holding another model")
 
@@ -31,12 +31,15 @@ class ClientSettings(TransportSettings):
 
 
 Backend = Literal["remote", "passthrough", "tee-only"]
+Privacy = Literal["plain", "otp", "mix"]
 
 
 class PrefillSettings(ClientSettings, ModelSettings):
     backend: Backend = "remote"
+    privacy: Privacy = "plain"
+    mix_block: int = Field(16, ge=2, le=4096, description="tokens mixed together in the mix privacy mode")
     prefill_length: PositiveInt = 128
-    tee_batch_size: PositiveInt = 1
+    tee_batch_size: PositiveInt | None = None  # default: one row per prompt
     prompt: list[str] | None = None
     prompt_path: str | None = None
     tee_result_path: str | None = None

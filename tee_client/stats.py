@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+SETUP = ("Init", "Ping")  # calls outside the forward: listed under rpc, not counted in timing
+
 _active: contextvars.ContextVar["Stats | None"] = contextvars.ContextVar("tsqp_stats", default=None)
 
 
@@ -30,6 +32,8 @@ class Call:
     deserialize_ns: int = 0
     server_decode_ns: int = 0
     server_encode_ns: int = 0
+    retries: int = 0  # resends before the reply came
+    retry_wait_ns: int = 0  # time lost to the tries that got no reply (not transfer)
 
 
 @dataclass
@@ -46,9 +50,11 @@ class MethodStats:
             - total("compute_ns")
             - total("server_decode_ns")
             - total("server_encode_ns")
+            - total("retry_wait_ns")
         )
         return {
             "calls": len(self.calls),
+            "retries": sum(c.retries for c in self.calls),
             "bytes_sent": sum(c.bytes_sent for c in self.calls),
             "bytes_received": sum(c.bytes_received for c in self.calls),
             "rtt_ms": {
@@ -71,6 +77,8 @@ class Stats:
     methods: dict[str, MethodStats] = field(default_factory=lambda: defaultdict(MethodStats))
     tee_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tee_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    crypto_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # privacy modes: mask, unmask
+    offline_ns: int = 0  # privacy modes: pads drawn before the forward, outside its time
 
     def record(self, method: str, call: Call) -> None:
         self.methods[method].calls.append(call)
@@ -83,35 +91,37 @@ class Stats:
         finally:
             _active.reset(token)
 
-    def summary(self, total_ns: int, exclude: tuple[str, ...] = ("Init", "Ping")) -> dict:
+    def summary(self, total_ns: int) -> dict:
         """The result-JSON sections: rpc, timing, timing_percentage, data_transfer, operation_counts."""
         rpc = {m: s.summary() for m, s in self.methods.items() if s.calls}
-        forward = [c for m, s in self.methods.items() if m not in exclude for c in s.calls]
+        forward = [c for m, s in self.methods.items() if m not in SETUP for c in s.calls]
+        parts = {  # they add up to total_ms
+            "transfer": sum(c.transfer_ns for c in forward) / 1e6,
+            "gpu_compute": sum(c.compute_ns for c in forward) / 1e6,
+            "tee_compute": sum(self.tee_ns.values()) / 1e6,
+            "crypto": sum(self.crypto_ns.values()) / 1e6,
+            "retry_wait": sum(c.retry_wait_ns for c in forward) / 1e6,
+        }
+        parts["other"] = total_ns / 1e6 - sum(parts.values())
         timing = {
             "total_ms": total_ns / 1e6,
-            "transfer_ms": sum(c.transfer_ns for c in forward) / 1e6,
-            "gpu_compute_ms": sum(c.compute_ns for c in forward) / 1e6,
-            "tee_compute_ms": sum(self.tee_ns.values()) / 1e6,
+            **{f"{k}_ms": v for k, v in parts.items() if k != "crypto"},
+            "mask_ms": self.crypto_ns["mask"] / 1e6,
+            "unmask_ms": self.crypto_ns["unmask"] / 1e6,
+            "offline_ms": self.offline_ns / 1e6,  # outside total_ms: before the prompt was read
         }
-        timing["other_ms"] = (
-            timing["total_ms"] - timing["transfer_ms"] - timing["gpu_compute_ms"] - timing["tee_compute_ms"]
-        )
         to_gpu, to_cpu = sum(c.bytes_sent for c in forward), sum(c.bytes_received for c in forward)
         return {
             "rpc": rpc,
             "timing": timing,
-            "timing_percentage": {
-                k.removesuffix("_ms"): 100 * v / max(timing["total_ms"], 1e-9)
-                for k, v in timing.items()
-                if k != "total_ms"
-            },
+            "timing_percentage": {k: 100 * v / max(total_ns / 1e6, 1e-9) for k, v in parts.items()},
             "data_transfer": {
                 "to_gpu_mb": to_gpu / 1e6,
                 "to_cpu_mb": to_cpu / 1e6,
                 "total_mb": (to_gpu + to_cpu) / 1e6,
             },
             "operation_counts": {
-                "gpu": {m: len(s.calls) for m, s in self.methods.items() if m not in exclude and s.calls},
+                "gpu": {m: len(s.calls) for m, s in self.methods.items() if m not in SETUP and s.calls},
                 "tee": dict(self.tee_counts),
             },
         }

@@ -1,4 +1,7 @@
-import protocol  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
+from tsqp.cli import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch loads, as every entry point does
+
 import json
 import os
 import sys
@@ -12,7 +15,7 @@ import zmq
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from checkpoints import make_checkpoint
-from gpu_server.launch import ServerProcess
+from tsqp.launch import ServerProcess
 from tee_client.cli import main as tee_client
 
 BIN = Path(sys.executable).parent  # the console scripts installed beside this interpreter

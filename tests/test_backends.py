@@ -8,6 +8,7 @@ from conftest import reference_logits, run_prefill_cli
 PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys"]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("variant", ["gqa", "mqa-tied-bias"])
 def test_three_backends_agree(variant, checkpoints, start_server, tmp_path):
     folder = checkpoints(variant)

@@ -6,7 +6,9 @@ import torch
 
 from checkpoints import CORPUS, VARIANTS
 from conftest import reference_logits, reference_tokens, run_prefill_cli
-from gpu_server.checkpoint import embedded_model_path, resolve_folder
+from tsqp.checkpoint import embedded_model_path, resolve_folder
+
+pytestmark = pytest.mark.process  # every test here starts a gpu-server or another process
 
 PROMPTS = [" ".join(CORPUS[:4]), "Rotary position embeddings", "The capital of France is"]
 

@@ -35,6 +35,7 @@ def test_pack_unpack_is_bit_exact_and_elementwise_free(dtype):
     assert torch.equal(back[1].view(torch.uint8), t[:, 1:].contiguous().view(torch.uint8))
 
 
+@pytest.mark.process
 def test_every_dtype_crosses_a_real_server_bit_exactly(checkpoints, start_server):
     server = start_server("--model", str(checkpoints("gqa")))
     with RpcClient(server.endpoint, timeout_s=10) as rpc:
@@ -44,6 +45,7 @@ def test_every_dtype_crosses_a_real_server_bit_exactly(checkpoints, start_server
         assert torch.equal(a.view(torch.uint8), b.to(a.dtype).view(torch.uint8))
 
 
+@pytest.mark.process
 def test_settings_come_from_the_environment(checkpoints, ipc_dir, tmp_path):
     """gpu-server and tee-client configured by LLAMA_* variables alone, no flags."""
     prompts = tmp_path / "prompts.txt"
@@ -59,7 +61,7 @@ def test_settings_come_from_the_environment(checkpoints, ipc_dir, tmp_path):
         "LLAMA_TEE_RESULT_PATH": str(tmp_path / "r.json"),
         "LLAMA_WARMUP": "0",
     }
-    from gpu_server.launch import ServerProcess
+    from tsqp.launch import ServerProcess
 
     with ServerProcess(env["LLAMA_GPU_ENDPOINT"], env=env) as server:
         assert "dtype bfloat16" in server.log

@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from conftest import BIN, raw_socket, reference_logits, run_prefill_cli
-from gpu_server.launch import ServerProcess
+from hostile import TEMPLATES, mutated_request
+from tsqp.launch import ServerProcess
+from protocol.endpoints import free_tcp_port
 from protocol.errors import ServerUnavailable, VersionMismatch
 from protocol.messages import ITEMSIZE
 from protocol.wire import PROTOCOL_VERSION
 from tee_client.rpc import RpcClient
+
+pytestmark = pytest.mark.process  # every test here starts a gpu-server or another process
 
 PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys and values"]
 
@@ -65,9 +69,14 @@ def crash_and_replace(server: ServerProcess, client: subprocess.Popen, model: Pa
     return ServerProcess(server.endpoint, "--device", "cpu", "--model", str(model)).start()
 
 
-def test_client_survives_a_server_restart(checkpoints, start_server, tmp_path):
+def tcp_server(model: Path) -> ServerProcess:
+    """Over tcp a client cannot see that its server died, so Lazy Pirate resends carry it to a restart."""
+    return ServerProcess(f"tcp://127.0.0.1:{free_tcp_port()}", "--device", "cpu", "--model", str(model)).start()
+
+
+def test_client_survives_a_server_restart(checkpoints, tmp_path):
     folder = checkpoints("gqa")
-    server = start_server("--model", str(folder))
+    server = tcp_server(folder)
     client = start_client(server.endpoint, tmp_path, "--repeat", "400", "--timeout", "1", "--retries", "20")
     replacement = crash_and_replace(server, client, folder)
     try:
@@ -84,8 +93,8 @@ def test_client_survives_a_server_restart(checkpoints, start_server, tmp_path):
     assert np.abs(npz["logits"][real] - expected[real]).max() <= 1e-4
 
 
-def test_client_refuses_a_server_that_changed_model(checkpoints, start_server, tmp_path):
-    server = start_server("--model", str(checkpoints("gqa")))
+def test_client_refuses_a_server_that_changed_model(checkpoints, tmp_path):
+    server = tcp_server(checkpoints("gqa"))
     client = start_client(server.endpoint, tmp_path, "--repeat", "400", "--timeout", "1", "--retries", "20")
     replacement = crash_and_replace(server, client, checkpoints("mqa-tied-bias"))
     try:
@@ -95,6 +104,49 @@ def test_client_refuses_a_server_that_changed_model(checkpoints, start_server, t
     assert client.returncode == 1
     assert "changed model mid-run" in err and "Traceback" not in err
     assert not (tmp_path / "l.npz").exists()
+
+
+def client_well_into_its_run(server: ServerProcess, tmp_path: Path) -> subprocess.Popen:
+    """A long prefill run (30 s deadlines) that has made 50 calls."""
+    client = start_client(server.endpoint, tmp_path, "--repeat", "400", "--timeout", "30", "--retries", "2")
+    with RpcClient(server.endpoint, timeout_s=5) as rpc:
+        while rpc.call("Ping")[0]["served"] < 50:
+            time.sleep(0.05)
+    return client
+
+
+def test_an_ipc_client_notices_a_killed_server_at_once(checkpoints, start_server, tmp_path):
+    server = start_server("--model", str(checkpoints("gqa")))
+    client = client_well_into_its_run(server, tmp_path)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1 and time.monotonic() - t0 < 5, err
+    assert "nothing listening" in err and "stale socket file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_server_stopping_cleanly_lets_its_client_go_at_once(checkpoints, start_server, tmp_path):
+    server = start_server("--model", str(checkpoints("gqa")))
+    client = client_well_into_its_run(server, tmp_path)
+    t0 = time.monotonic()
+    server.stop()
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1 and time.monotonic() - t0 < 5, err
+    assert "stopping" in err or "nothing listening" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_message_over_the_servers_limit_is_refused_before_it_is_sent(checkpoints, start_server, tmp_path):
+    server = start_server("--model", str(checkpoints("gqa")), "--max-message-mb", "0.01")
+    run = subprocess.run(
+        [BIN / "tee-client", "prefill", "--endpoint", server.endpoint, "--length", "64", "--timeout", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert "over the server's limit of 0.01 MiB" in run.stderr and "--max-message-mb" in run.stderr
+    assert "no reply" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
 def test_deadline_times_retries_bounds_a_dead_server():
@@ -138,81 +190,6 @@ def test_oversize_message_is_dropped_and_the_server_carries_on(checkpoints, star
 
 
 # ---- fuzzing -------------------------------------------------------------------------------
-
-F32 = lambda *shape: (
-    {"dtype": "float32", "shape": list(shape)},
-    np.random.default_rng(0).standard_normal(shape, dtype=np.float32).tobytes(),
-)  # noqa: E731
-TEMPLATES = [
-    ("Ping", {}, []),
-    ("Init", {}, []),
-    ("Echo", {}, [F32(3, 4)]),
-    ("Embedding", {}, [({"dtype": "int64", "shape": [1, 3]}, np.array([[1, 5, 9]], dtype=np.int64).tobytes())]),
-    ("Linear", {"layer": 1, "names": ["q_proj", "k_proj", "v_proj"]}, [F32(1, 3, 64)]),
-    ("Linear", {"layer": 0, "names": ["down_proj"]}, [F32(2, 112)]),
-    ("Matmul", {"transpose_b": True}, [F32(1, 2, 2, 3, 16), F32(1, 2, 1, 3, 16)]),
-    ("LMHead", {}, [F32(2, 64)]),
-]
-dims = st.integers(min_value=-3, max_value=1 << 40)
-ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # what msgpack can carry
-
-
-@st.composite
-def mutated_request(draw) -> list[bytes]:
-    method, args, tensors = draw(st.sampled_from(TEMPLATES))
-    specs, frames = [dict(s) for s, _ in tensors], [b for _, b in tensors]
-    header = {
-        "v": PROTOCOL_VERSION,
-        "id": draw(st.integers(0, 1 << 31)),
-        "method": method,
-        "args": dict(args),
-        "tensors": specs,
-    }
-    mutation = draw(
-        st.sampled_from(
-            [
-                "none",
-                "shape",
-                "dtype",
-                "frames",
-                "truncate",
-                "nan",
-                "version",
-                "method",
-                "args",
-                "field",
-                "header_bytes",
-            ]
-        )
-    )
-    if mutation == "shape" and specs:
-        specs[draw(st.integers(0, len(specs) - 1))]["shape"] = draw(st.lists(dims, max_size=9))
-    elif mutation == "dtype" and specs:
-        specs[0]["dtype"] = draw(st.sampled_from(["float16", "bfloat16", "int32", "int64", "float64", "complex64", ""]))
-    elif mutation == "frames":
-        frames = draw(st.lists(st.binary(max_size=256), max_size=4))
-    elif mutation == "truncate" and frames:
-        frames[-1] = frames[-1][: draw(st.integers(0, max(len(frames[-1]) - 1, 0)))]
-    elif mutation == "nan" and frames and specs[0]["dtype"] == "float32":
-        frames[0] = np.full(
-            len(frames[0]) // 4, draw(st.sampled_from([np.nan, np.inf, -np.inf, 3e38])), np.float32
-        ).tobytes()
-    elif mutation == "version":
-        header["v"] = draw(st.one_of(ints, st.text(max_size=3), st.none()))
-    elif mutation == "method":
-        header["method"] = draw(st.one_of(st.text(max_size=12), ints))
-    elif mutation == "args":
-        header["args"] = draw(
-            st.dictionaries(
-                st.text(max_size=8), st.one_of(ints, st.text(max_size=4), st.lists(ints, max_size=3)), max_size=3
-            )
-        )
-    elif mutation == "field":
-        del header[draw(st.sampled_from(["v", "id", "method", "tensors"]))]
-    packed = msgpack.packb(header)
-    if mutation == "header_bytes":
-        packed = draw(st.one_of(st.binary(max_size=64), st.just(packed[: len(packed) // 2])))
-    return [packed, *frames]
 
 
 def rss_mb(pid: int) -> float:
@@ -262,6 +239,31 @@ def test_fuzzed_requests_get_replies_and_leave_the_server_correct(checkpoints, s
         np.abs(out["logits"][real] - reference_logits(folder, out["input_ids"], out["attention_mask"])[real]).max()
         <= 1e-4
     )
+
+
+def test_replies_nobody_reads_do_not_pile_up_in_server_memory(checkpoints, start_server):
+    """A DEALER that sends and never reads: the server's memory for its replies stays bounded."""
+    server = start_server("--model", str(checkpoints("gqa")))
+    big = [{"dtype": "float32", "shape": [2048, 64]}, {"dtype": "float32", "shape": [64, 2048]}]
+    frames = [bytes(2048 * 64 * 4)] * 2  # 1 MiB in, a 16 MiB result out
+    empty = [{"dtype": "float32", "shape": [7000, 0]}, {"dtype": "float32", "shape": [0, 7000]}]
+    with zmq.Context.instance().socket(zmq.DEALER) as dealer:
+        dealer.setsockopt(zmq.RCVHWM, 1)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(server.endpoint)
+        with RpcClient(server.endpoint, timeout_s=10) as rpc:
+            rpc.call("Ping")
+            before = rss_mb(server.proc.pid)
+            for i in range(40):
+                for specs, tensors in ((big, frames), (empty, [b"", b""])):
+                    head = {"v": PROTOCOL_VERSION, "id": i, "method": "Matmul", "args": {}, "tensors": specs}
+                    dealer.send_multipart([b"", msgpack.packb(head), *tensors])
+            deadline = time.monotonic() + 60
+            while rpc.call("Ping")[0]["served"] < 82 and time.monotonic() < deadline:  # all 80 answered
+                time.sleep(0.1)
+            grown = rss_mb(server.proc.pid) - before
+    assert grown < 200, f"server memory grew by {grown:.0f} MB for 40 unread 16 MiB replies"
+    assert server.proc.poll() is None
 
 
 # ---- several clients -------------------------------------------------------------------------

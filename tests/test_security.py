@@ -12,12 +12,15 @@ import pytest
 import torch
 
 from conftest import BIN, run_prefill_cli
-from gpu_server.launch import ServerProcess, free_tcp_port
+from protocol.endpoints import free_tcp_port
+from tsqp.launch import ServerProcess
 from protocol.errors import ServerUnavailable
 from protocol.security import client_keys, keygen
 from tee_client.rpc import RpcClient
 
 NOBODY = 65534
+pytestmark = pytest.mark.process  # every test here starts a gpu-server or another process
+
 CONNECT_AS_OTHER_USER = """
 import socket, sys
 s = socket.socket(socket.AF_UNIX)

@@ -10,20 +10,9 @@ import msgpack
 import pytest
 
 from conftest import BIN, raw_socket
-from protocol.wire import PROTOCOL_VERSION
+from hostile import MALFORMED, f32, request
 
-
-def request(method: str, args: dict | None = None, tensors=(), **header) -> list:
-    specs = [{"dtype": d, "shape": s} for d, s, _ in tensors]
-    head = {"v": PROTOCOL_VERSION, "id": 7, "method": method, "args": args or {}, "tensors": specs, **header}
-    return [msgpack.packb(head), *(b for _, _, b in tensors)]
-
-
-def f32(*shape) -> tuple:
-    n = 1
-    for d in shape:
-        n *= d
-    return ("float32", list(shape), bytes(4 * n))
+pytestmark = pytest.mark.process  # every test here starts a gpu-server or another process
 
 
 def raw_call(endpoint: str, frames: list, timeout_ms: int = 10000) -> tuple[dict, list]:
@@ -35,30 +24,6 @@ def raw_call(endpoint: str, frames: list, timeout_ms: int = 10000) -> tuple[dict
     finally:
         sock.close()
     return msgpack.unpackb(reply[0]), reply[1:]
-
-
-MALFORMED = {
-    "not msgpack": ([b"\xc1\x00"], "BadRequest"),
-    "not a map": ([msgpack.packb([1, 2])], "BadRequest"),
-    "wrong version": (request("Ping", v=PROTOCOL_VERSION + 1), "VersionMismatch"),
-    "unknown method": (request("Generate"), "UnknownMethod"),
-    "unknown argument": (request("Matmul", {"transpose": True}, [f32(2, 2), f32(2, 2)]), "BadRequest"),
-    "unknown module": (request("Linear", {"layer": 0, "names": ["x_proj"]}, [f32(1, 64)]), "BadRequest"),
-    "layer out of range": (request("Linear", {"layer": 99, "names": ["q_proj"]}, [f32(1, 64)]), "UnknownModule"),
-    "wrong last dim": (request("Linear", {"layer": 0, "names": ["q_proj"]}, [f32(1, 65)]), "BadShape"),
-    "wrong dtype": (
-        request("Linear", {"layer": 0, "names": ["q_proj"]}, [("float16", [1, 64], bytes(128))]),
-        "BadShape",
-    ),
-    "unknown dtype": (request("LMHead", {}, [("float64", [1, 64], bytes(512))]), "BadRequest"),
-    "missing frame": (request("LMHead", {}, [f32(1, 64)])[:1], "BadShape"),
-    "lying byte length": (request("LMHead", {}, [("float32", [1, 64], bytes(100))]), "BadShape"),
-    "inner dims differ": (request("Matmul", {}, [f32(2, 3), f32(4, 2)]), "BadShape"),
-    "too few tensors": (request("Matmul", {}, [f32(2, 3)]), "BadShape"),
-    "ids out of vocab": (request("Embedding", {}, [("int64", [1], (10**6).to_bytes(8, "little"))]), "BadShape"),
-    "float ids": (request("Embedding", {}, [f32(1, 2)]), "BadShape"),
-    "huge result": (request("Matmul", {}, [f32(1, 1), ("float32", [1, 1 << 30], b"")]), "BadShape"),
-}
 
 
 def test_malformed_requests_get_error_replies_and_server_keeps_serving(checkpoints, start_server):
@@ -195,3 +160,88 @@ def test_client_against_a_silent_tcp_port_gives_up_after_its_retries():
     assert "no reply from tcp://127.0.0.1" in run.stderr and "2 tries" in run.stderr
     assert "Traceback" not in run.stderr
     assert elapsed < 15
+
+
+def test_two_servers_started_at_once_on_one_endpoint_one_serves(checkpoints, ipc_dir):
+    endpoint = f"ipc://{ipc_dir}/race.ipc"
+    argv = [BIN / "gpu-server", "--endpoint", endpoint, "--device", "cpu", "--model", str(checkpoints("gqa"))]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        _, err = loser.communicate()
+        assert loser.returncode == 1 and "already listening" in err and "Traceback" not in err, err
+        assert winner.stdout.readline().startswith("gpu-server ready on")
+        assert raw_call(endpoint, request("Ping"))[0]["ok"]  # the loser's exit stranded nobody
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+                p.wait(30)
+            p.stdout.close()
+            p.stderr.close()
+    assert not os.path.exists(endpoint.removeprefix("ipc://")) and not os.path.exists(f"{ipc_dir}/race.ipc.lock")
+
+
+def test_a_server_never_removes_a_socket_file_it_did_not_create(checkpoints, start_server, ipc_dir):
+    first = start_server("--model", str(checkpoints("gqa")))
+    second = subprocess.run(
+        [BIN / "gpu-server", "--endpoint", first.endpoint, "--device", "cpu", "--model", str(checkpoints("gqa"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1
+    assert os.path.exists(first.endpoint.removeprefix("ipc://"))
+    assert raw_call(first.endpoint, request("Ping"))[0]["ok"]
+
+
+def test_sigterm_during_the_model_load_never_prints_ready(checkpoints, ipc_dir):
+    endpoint = f"ipc://{ipc_dir}/load.ipc"
+    proc = subprocess.Popen(
+        [BIN / "gpu-server", "--endpoint", endpoint, "--device", "cpu", "--model", str(checkpoints("gqa"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lock = ipc_dir / "load.ipc.lock"
+    deadline = time.monotonic() + 60
+    while not lock.exists() and time.monotonic() < deadline:  # the endpoint is claimed, the model loads next
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "ready" not in out, out
+    assert not lock.exists() and not (ipc_dir / "load.ipc").exists()
+
+
+def test_a_bad_device_is_refused_before_any_folder_is_made(ipc_dir):
+    run = subprocess.run(
+        [BIN / "gpu-server", "--endpoint", f"ipc://{ipc_dir}/new/s.ipc", "--device", "tpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and "use cpu, cuda" in run.stderr
+    assert not (ipc_dir / "new").exists()
+
+
+def test_folders_the_server_creates_are_private_all_the_way_down(checkpoints, start_server, ipc_dir):
+    server = start_server("--model", str(checkpoints("gqa")), name="a/b/s.ipc")
+    for folder in (ipc_dir / "a", ipc_dir / "a" / "b"):
+        assert os.stat(folder).st_mode & 0o777 == 0o700
+    assert "open to other users" not in server.log
+
+
+def test_a_length_past_the_context_is_one_line_before_any_allocation(checkpoints, start_server):
+    server = start_server("--model", str(checkpoints("gqa")))
+    run = subprocess.run(
+        [BIN / "tee-client", "prefill", "--endpoint", server.endpoint, "--length", "100000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and "past the model's context of 64 tokens" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr

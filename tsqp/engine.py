@@ -1,22 +1,25 @@
 """The linear half of a Llama model on one device: everything gpu-server computes.
 
 The same engine runs inside gpu-server (behind ZeroMQ) and inside tee-client for the
-in-process backends. Every method checks its inputs against the model before it allocates.
+in-process backends; tsqp.methods maps each wire method onto one of its calls. Every call
+checks its inputs against the model before it allocates.
 """
 
 import functools
-import json
-import tempfile
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from gpu_server.checkpoint import Checkpoint
-from protocol.errors import BadShape, TooLarge, UnknownModule
+from protocol.errors import BadRequest, BadShape, TooLarge, UnknownModule
 from protocol.wire import DTYPE_NAMES, PROTOCOL_VERSION
+from tsqp.checkpoint import Checkpoint
+from tsqp.ring import RingSpec, fixed_weight, ring_linear
+from tsqp.spec import init_reply
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# A Matmul's result may outweigh its operands by at most this much: Q·Kᵀ of S tokens with head
+# size D gives S/(2D) (64 at S = 8192, D = 64); a hostile [N, 0] @ [0, N] would give infinity.
+MATMUL_MAX_GROWTH = 256
 
 
 class Engine:
@@ -30,33 +33,23 @@ class Engine:
         self.device = self.embed.device
         self.max_result_bytes = max_result_bytes
         self.itemsize = self.embed.element_size()
+        self.fixed_weights: dict = {}  # (layer, name) or "lm_head" -> tsqp.ring.FixedWeight, for the otp mode
 
-    # ---- Init: what the trusted side needs to run its half -------------------------------
-
-    def init(self) -> tuple[dict, list[torch.Tensor]]:
-        names, norms = [], []
-        for i, layer in enumerate(self.layers):
-            names += [f"layers.{i}.input_layernorm", f"layers.{i}.post_attention_layernorm"]
-            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        names.append("norm")
-        norms.append(self.model.model.norm.weight)
-        result = {
-            "protocol": PROTOCOL_VERSION,
-            "model": self.ckpt.name,
-            "fingerprint": self.ckpt.fingerprint,
-            "dtype": DTYPE_NAMES[self.dtype],
-            "config": json.loads(self.model.config.to_json_string(use_diff=False)),
-            "norms": names,
-            "tokenizer": self.tokenizer_files,
-        }
-        return result, [w.detach().float() for w in norms]
+    # ---- what the model is -------------------------------------------------------------------
 
     @functools.cached_property
-    def tokenizer_files(self) -> dict[str, bytes]:
-        """The tokenizer as its saved files, made once: Init sends them to the trusted side."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.ckpt.tokenizer.save_pretrained(tmp)
-            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    def init_reply(self) -> tuple[dict, list[torch.Tensor]]:
+        """The Init answer (tsqp.spec), made once: its tokenizer files take a moment to write."""
+        return init_reply(self.ckpt)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.ckpt.name,
+            "fingerprint": self.ckpt.fingerprint,
+            "protocol": PROTOCOL_VERSION,
+            "device": str(self.device),
+            "dtype": DTYPE_NAMES[self.dtype],
+        }
 
     # ---- the linear ops ---------------------------------------------------------------------
 
@@ -70,13 +63,37 @@ class Engine:
             raise BadShape(f"token ids must lie in [0, {vocab})")
         return F.embedding(ids, self.embed)
 
-    def linear(self, layer: int, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    def linear(self, layer: int, names: list[str], x: torch.Tensor, bias: bool = True) -> list[torch.Tensor]:
         modules = [self.module(layer, name) for name in names]
         for name, m in zip(names, modules, strict=True):
             self.check_activation(x, m.in_features, f"layer {layer} {name}")
         self.check_result(x.numel() // max(x.shape[-1], 1) * sum(m.out_features for m in modules))
         x = x.to(self.device)
-        return [F.linear(x, m.weight, m.bias) for m in modules]
+        return [F.linear(x, m.weight, m.bias if bias else None) for m in modules]
+
+    def linear_ring(self, layer: int, names: list[str], u: torch.Tensor, spec: RingSpec) -> list[torch.Tensor]:
+        """u·Wqᵀ mod 2^k per module, exactly (the otp privacy mode; tsqp.ring): no bias, int64 out."""
+        modules = [self.module(layer, name) for name in names]
+        for name, m in zip(names, modules, strict=True):
+            self.check_ring_input(u, m.in_features, f"layer {layer} {name}")
+        self.check_result(u.numel() // max(u.shape[-1], 1) * sum(m.out_features for m in modules), itemsize=8)
+        return [self.ring_product(u, (layer, name), m.weight, spec) for name, m in zip(names, modules, strict=True)]
+
+    def lm_head_ring(self, u: torch.Tensor, spec: RingSpec) -> torch.Tensor:
+        vocab, hidden = self.lm_head_weight.shape
+        self.check_ring_input(u, hidden, "LMHead")
+        self.check_result(u.numel() // max(hidden, 1) * vocab, itemsize=8)
+        return self.ring_product(u, "lm_head", self.lm_head_weight, spec)
+
+    def ring_product(self, u: torch.Tensor, key, weight: torch.Tensor, spec: RingSpec) -> torch.Tensor:
+        if key not in self.fixed_weights:  # quantized once per module, on first use
+            self.fixed_weights[key] = fixed_weight(weight)
+        fw = self.fixed_weights[key]
+        try:
+            spec.check(fw)
+        except ValueError as e:
+            raise BadRequest(f"{key}: {e}") from None
+        return ring_linear(u, fw, spec)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, transpose_b: bool = False) -> torch.Tensor:
         for t in (a, b):
@@ -94,6 +111,11 @@ class Engine:
             raise BadShape(f"Matmul batch dimensions do not broadcast: {list(a.shape)} @ {list(b.shape)}") from None
         # torch materializes broadcast operands: count them with the result
         self.check_result(batch.numel() * (rows * inner + inner * cols + rows * cols))
+        if rows * cols > MATMUL_MAX_GROWTH * (a.numel() + b.numel()) / max(batch.numel(), 1):
+            raise TooLarge(
+                f"Matmul result {rows}x{cols} per batch is over {MATMUL_MAX_GROWTH}x its operands "
+                f"({list(a.shape)} @ {list(b.shape)}); nothing in a Llama forward needs that"
+            )
         a, b = a.to(self.device), b.to(self.device)
         return a @ (b.transpose(-1, -2) if transpose_b else b)
 
@@ -125,7 +147,16 @@ class Engine:
         if x.dim() < 1 or x.shape[-1] != features:
             raise BadShape(f"{what} takes [..., {features}] activations, got {list(x.shape)}")
 
-    def check_result(self, numel: int) -> None:
-        mib, cap = numel * self.itemsize / 2**20, self.max_result_bytes / 2**20
+    def check_ring_input(self, u: torch.Tensor, features: int, what: str) -> None:
+        if u.dtype != torch.int64:
+            raise BadShape(f"{what} takes int64 ring elements, got {u.dtype}")
+        if u.dim() < 1 or u.shape[-1] != features:
+            raise BadShape(f"{what} takes [..., {features}] ring elements, got {list(u.shape)}")
+
+    def check_result(self, numel: int, itemsize: int | None = None) -> None:
+        mib, cap = numel * (itemsize or self.itemsize) / 2**20, self.max_result_bytes / 2**20
         if mib > cap:
-            raise TooLarge(f"result of {mib:.0f} MiB is over the cap of {cap:.0f} MiB")
+            raise TooLarge(
+                f"a result of {mib:.0f} MiB is over the server's cap of {cap:.0f} MiB (gpu-server --max-result-mb); "
+                "a shorter --length or a smaller --batch-size needs less"
+            )

@@ -1,0 +1,129 @@
+"""Ops: where the linear half of the model runs, behind one small interface.
+
+    remote       gpu-server over ZeroMQ (the product)
+    passthrough  in this process on --device, tensors moved with .to() (Intel TDX with a
+                 passthrough GPU: the GPU is reachable directly, no IPC)
+    tee-only     in this process on the CPU: the all-in-TEE security baseline
+
+`Ops` is the one place of the precision policy: floating tensors cross in the model's dtype
+(`wire_dtype`, learnt at Init) and come back as float32, what the trusted side computes in;
+integer tensors cross as they are. A backend only moves tensors (`send`), the same bytes out
+and back, and records one `Call` per op, so every backend's result has the same breakdown.
+Privacy modes mask in float32 or integers before `call`, so before any cast.
+"""
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from tee_client.stats import Call, current
+from tsqp.spec import ModelSpec
+
+
+class Ops:
+    wire_dtype: torch.dtype | None = None  # None until Init: nothing floating crosses before it
+    fingerprint: str | None = None  # the model Init reported; every later request carries it
+
+    def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def prepare(self, rows: int) -> None:
+        """The offline phase before a forward of `rows` tokens (a privacy mode draws its pads here)."""
+
+    def init(self) -> ModelSpec:
+        spec = ModelSpec.from_init(*self.send("Init", {}, []))
+        self.wire_dtype, self.fingerprint = spec.dtype, spec.fingerprint
+        return spec
+
+    def call(self, method: str, args: dict, tensors: Sequence[Tensor]) -> list[Tensor]:
+        sent = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
+        return [t.float() if t.is_floating_point() else t for t in self.send(method, args, sent)[1]]
+
+    # ---- the model's linear steps -------------------------------------------------------------
+
+    def embedding(self, input_ids: Tensor) -> Tensor:
+        return self.call("Embedding", {}, [input_ids])[0]
+
+    def linear(self, layer: int, names: Sequence[str], x: Tensor) -> list[Tensor]:
+        return self.call("Linear", {"layer": layer, "names": list(names)}, [x])
+
+    def matmul(self, a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
+        return self.call("Matmul", {"transpose_b": transpose_b}, [a, b])[0]
+
+    def lm_head(self, x: Tensor) -> Tensor:
+        return self.call("LMHead", {}, [x])[0]
+
+
+class RemoteOps(Ops):
+    def __init__(self, rpc):
+        self.rpc = rpc
+
+    def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
+        return self.rpc.call(method, args, tensors, fingerprint=self.fingerprint)
+
+    def close(self) -> None:
+        self.rpc.close()
+
+
+class LocalOps(Ops):
+    def __init__(self, engine):
+        self.engine = engine
+        self.moves = engine.device.type != "cpu"  # tee-only moves nothing: its transfer is zero
+
+    def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
+        from tsqp.methods import dispatch
+
+        t0 = time.perf_counter_ns()
+        inputs = [t.to(self.engine.device) for t in tensors] if self.moves else tensors
+        t1 = time.perf_counter_ns()
+        result, out, compute_ns = dispatch(self.engine, method, args, inputs)
+        t2 = time.perf_counter_ns()
+        outputs = [t.to("cpu") for t in out] if self.moves else out
+        t3 = time.perf_counter_ns()
+        if (stats := current()) is not None:
+            moved = sum(t.nbytes for t in inputs) if self.moves else 0, sum(t.nbytes for t in out) if self.moves else 0
+            stats.record(
+                method,
+                Call(
+                    bytes_sent=moved[0],
+                    bytes_received=moved[1],
+                    wall_ns=t3 - t0,
+                    transfer_ns=(t1 - t0) + (t3 - t2) if self.moves else 0,
+                    compute_ns=compute_ns,
+                    serialize_ns=t1 - t0,
+                    deserialize_ns=t3 - t2,
+                ),
+            )
+        return result, outputs
+
+
+def make_ops(settings) -> Ops:
+    """The ops object for `settings.backend` and `settings.privacy` (a tee_client.settings.PrefillSettings).
+
+    tee-only ignores the privacy mode: nothing leaves the process. The others, in a privacy mode,
+    wrap their ops in PrivateOps, which loads the client's own copy of the model (on the CPU).
+    """
+    from protocol.wire import TORCH_DTYPES
+    from tsqp.checkpoint import load_checkpoint
+
+    dtype = TORCH_DTYPES[settings.dtype]
+    private = settings.privacy != "plain" and settings.backend != "tee-only"
+    own = load_checkpoint(settings.model_path, dtype, torch.device("cpu")) if private else None
+    if settings.backend == "remote":
+        ops = RemoteOps(settings.rpc_client())
+    else:
+        from tsqp.engine import Engine
+
+        device = torch.device("cpu") if settings.backend == "tee-only" else settings.device
+        ckpt = own if own is not None and device.type == "cpu" else load_checkpoint(settings.model_path, dtype, device)
+        ops = LocalOps(Engine(ckpt))
+    if not private:
+        return ops
+    from tee_client.privacy import PrivateOps
+
+    return PrivateOps(ops, own, settings.privacy, settings.mix_block)

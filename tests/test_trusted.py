@@ -1,0 +1,86 @@
+"""The trusted side's non-linear steps, in-process, against transformers' own functions."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    create_causal_mask,
+    eager_attention_forward,
+)
+
+from checkpoints import BASE, VARIANTS
+from tee_client.model import additive_mask, apply_rope, masked_softmax, rms_norm, rope_tables
+
+
+def config(variant: str) -> LlamaConfig:
+    cfg = LlamaConfig(vocab_size=300, **{**BASE, **VARIANTS[variant]})
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("seqlen", [7, 48])  # 48: past every variant's original context
+def test_rope_tables_and_rotation_match_transformers(variant, seqlen):
+    cfg = config(variant)
+    cos, sin = rope_tables(cfg, seqlen)  # (S, 1, 1, D)
+    head_dim = cos.shape[-1]
+    x = torch.randn(1, seqlen, 1, 1, head_dim)
+    ref_cos, ref_sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(seqlen)[None])  # (1, S, D)
+    torch.testing.assert_close(cos[:, 0, 0], ref_cos[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sin[:, 0, 0], ref_sin[0], rtol=1e-5, atol=1e-6)
+    q = torch.randn(1, 2, seqlen, head_dim)  # transformers' layout: (B, H, S, D)
+    ref_q, _ = apply_rotary_pos_emb(q, q, ref_cos, ref_sin)
+    ours = apply_rope(q.permute(0, 2, 1, 3)[:, :, :, None], cos, sin)  # ours: (B, S, H, 1, D)
+    torch.testing.assert_close(ours[:, :, :, 0].permute(0, 2, 1, 3), ref_q, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_matches_transformers():
+    weight = torch.rand(64) + 0.5
+    reference = LlamaRMSNorm(64, eps=1e-5)
+    reference.weight.data.copy_(weight)
+    x = torch.randn(3, 5, 64) * 7
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_padding_and_causal_mask_match_transformers():
+    attention_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    reference = create_causal_mask(
+        config=config("gqa"),
+        inputs_embeds=torch.zeros(2, 5, 64),
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=torch.arange(5)[None].expand(2, -1),
+    )
+    assert torch.equal(additive_mask(attention_mask)[:, :, 0], reference)  # ours: (B, 1, 1, S, S)
+
+
+def test_masked_softmax_and_attention_match_transformers_eager_attention():
+    cfg = config("gqa")
+    bsz, seqlen, n_kv, rep, dim = 2, 6, 2, 2, 16
+    q, k, v = (
+        torch.randn(bsz, n_kv, rep, seqlen, dim),
+        torch.randn(bsz, n_kv, 1, seqlen, dim),
+        torch.randn(bsz, n_kv, 1, seqlen, dim),
+    )
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    mask = additive_mask(attention_mask)
+    probs = masked_softmax(q @ k.transpose(-1, -2), dim**-0.5, mask)
+    ours = probs @ v  # (B, Hkv, rep, S, D)
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = rep
+        training = False
+
+    reference, _ = eager_attention_forward(
+        Module(),
+        q.reshape(bsz, n_kv * rep, seqlen, dim),
+        k[:, :, 0],
+        v[:, :, 0],
+        mask[:, :, 0],
+        scaling=dim**-0.5,
+        config=cfg,
+    )  # (B, S, H, D)
+    torch.testing.assert_close(ours.reshape(bsz, n_kv * rep, seqlen, dim).transpose(1, 2), reference)

@@ -1,0 +1,157 @@
+"""Pure functions and small rules, in-process: endpoints, settings, errors, stats, keys, the TCB."""
+
+import os
+import stat
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from protocol.endpoints import Endpoint
+from protocol.errors import BadShape, ModelMismatch, RemoteError, TSQPError, UsageError, from_reply
+from protocol.security import keygen, load_keypair
+from tee_client.settings import ClientSettings, PrefillSettings
+from tee_client.stats import Call, Stats
+
+
+def test_the_trusted_side_imports_no_server_code():
+    """tee_client runs inside the TEE: it may import protocol and tsqp, never gpu_server."""
+    code = (
+        "import tee_client.cli, tee_client.prefill, tee_client.model, tee_client.ops, tee_client.rpc, sys;"
+        "print(sorted(m for m in sys.modules if m.startswith('gpu_server')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_entry_points_load_torch_only_after_setting_the_openmp_policy():
+    code = "import gpu_server.cli, tee_client.cli, sys; print('torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "url, transport, where",
+    [
+        ("ipc:///tmp/x.ipc", "ipc", "/tmp/x.ipc"),
+        ("tcp://127.0.0.1:5555", "tcp", "127.0.0.1"),
+        ("tcp://[::1]:80", "tcp", "::1"),
+        ("tcp://gpu-host:5555", "tcp", "gpu-host"),
+    ],
+)
+def test_endpoints_parse(url, transport, where):
+    ep = Endpoint.parse(url)
+    assert ep.transport == transport and (ep.path or ep.host) == where
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("localhost:5555", "names no transport"),
+        ("ipc://relative.ipc", "must be absolute"),
+        ("ipc:///" + "x" * 120, "limited to 107 bytes"),
+        ("tcp://host:0", "port in 1..65535"),
+        ("tcp://host:http", "port in 1..65535"),
+        ("udp://host:1", "unknown transport"),
+    ],
+)
+def test_bad_endpoints_are_refused_with_a_reason(url, message):
+    with pytest.raises(UsageError, match=message):
+        Endpoint.parse(url)
+
+
+def test_loopback_is_recognised():
+    assert Endpoint.parse("tcp://127.0.0.2:1").is_loopback and Endpoint.parse("tcp://localhost:1").is_loopback
+    assert not Endpoint.parse("tcp://0.0.0.0:1").is_loopback and not Endpoint.parse("tcp://10.0.0.1:1").is_loopback
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e300", "nan", "0", "-1", "0.0001"])
+def test_timeouts_must_be_positive_and_finite(timeout, monkeypatch):
+    monkeypatch.setenv("LLAMA_RPC_TIMEOUT", timeout)
+    with pytest.raises(Exception, match="timeout"):
+        ClientSettings()
+
+
+def test_settings_errors_are_one_line_usage_errors():
+    with pytest.raises(UsageError, match="rpc_retries"):
+        PrefillSettings.from_args(SimpleNamespace(rpc_retries=-1, prefill_length=None))
+
+
+def test_remote_errors_come_back_as_their_own_type():
+    assert isinstance(from_reply("BadShape", "x"), BadShape)
+    assert isinstance(from_reply("ModelMismatch", "x"), ModelMismatch)
+    unknown = from_reply("InternalError", "RuntimeError (details in the server log)")
+    assert isinstance(unknown, RemoteError) and "InternalError" in str(unknown)
+    assert all(isinstance(from_reply(t, ""), TSQPError) for t in ("BadRequest", "Nope"))
+
+
+def test_stats_summary_adds_up():
+    stats = Stats()
+    stats.record("Init", Call(100, 100, 5_000_000, 5_000_000, 0))
+    stats.record("Linear", Call(1000, 2000, 4_000_000, 1_000_000, 3_000_000))
+    stats.record("Linear", Call(1000, 2000, 9_000_000, 1_000_000, 3_000_000, retries=1, retry_wait_ns=5_000_000))
+    stats.tee_ns["rmsnorm"] = 2_000_000
+    s = stats.summary(total_ns=20_000_000)
+    t = s["timing"]
+    assert t["transfer_ms"] == 2 and t["gpu_compute_ms"] == 6 and t["tee_compute_ms"] == 2
+    assert t["retry_wait_ms"] == 5 and t["other_ms"] == pytest.approx(5)
+    assert s["rpc"]["Linear"]["retries"] == 1 and s["rpc"]["Init"]["calls"] == 1
+    assert s["operation_counts"]["gpu"] == {"Linear": 2}  # Init is outside the forward
+    assert s["data_transfer"]["to_gpu_mb"] == 2000 / 1e6
+    assert sum(s["timing_percentage"].values()) == pytest.approx(100)
+
+
+def test_keygen_makes_a_private_secret_and_keeps_an_existing_pair(tmp_path):
+    public, secret = keygen(tmp_path / "keys", "server")
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "keys").st_mode) == 0o700
+    first = load_keypair(str(secret))
+    with pytest.raises(UsageError, match="already exist"):
+        keygen(tmp_path / "keys", "server")
+    assert load_keypair(str(secret)) == first
+    keygen(tmp_path / "keys", "server", force=True)
+    assert load_keypair(str(secret)) != first
+    for bad in ("", "a/b", ".hidden"):
+        with pytest.raises(UsageError, match="plain file name"):
+            keygen(tmp_path, bad)
+
+
+def test_keygen_secret_is_never_readable_by_others(tmp_path):
+    """Created 0600 from the first byte: even a permissive umask gives no window."""
+    old = os.umask(0)
+    try:
+        _, secret = keygen(tmp_path, "client")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+
+
+def test_a_resend_is_counted_and_its_wait_is_not_transfer():
+    """A peer that ignores the first request: the client resends, and says so in its stats."""
+    import threading
+
+    import msgpack
+    import zmq
+
+    from protocol.wire import PROTOCOL_VERSION
+    from tee_client.rpc import RpcClient
+
+    with zmq.Context.instance().socket(zmq.ROUTER) as peer:
+        port = peer.bind_to_random_port("tcp://127.0.0.1")
+
+        def answer_the_second():
+            peer.recv_multipart()  # dropped
+            route, empty, head = peer.recv_multipart()
+            reply = {"v": PROTOCOL_VERSION, "id": msgpack.unpackb(head)["id"], "ok": True, "result": {}}
+            peer.send_multipart([route, empty, msgpack.packb(reply)])
+
+        threading.Thread(target=answer_the_second, daemon=True).start()
+        stats = Stats()
+        with RpcClient(f"tcp://127.0.0.1:{port}", timeout_s=0.3, retries=1) as rpc, stats.recording():
+            rpc.call("Linear")
+    call = stats.methods["Linear"].calls[0]
+    assert call.retries == 1 and call.retry_wait_ns >= 0.3e9
+    assert call.transfer_ns < call.wall_ns - call.retry_wait_ns + 1
+    assert stats.summary(call.wall_ns)["timing"]["retry_wait_ms"] >= 300
