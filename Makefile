@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-transport bench-prefill bench-stats bench-load clean
+.PHONY: install demo test test-fast lint bench bench-transport bench-prefill bench-stats bench-load bench-verify bench-privacy clean
 
 install: $(STAMP)
 
@@ -43,7 +43,13 @@ bench-stats: install
 bench-load: install
 	$(BIN)/python -m benchmarks.load
 
-bench: bench-transport bench-prefill bench-stats bench-load
+bench-verify: install
+	$(BIN)/python -m benchmarks.verify
+
+bench-privacy: install
+	$(BIN)/python -m benchmarks.privacy
+
+bench: bench-transport bench-prefill bench-stats bench-load bench-verify bench-privacy
 
 clean:
 	rm -rf $(VENV) *.egg-info results

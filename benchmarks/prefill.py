@@ -1,10 +1,14 @@
-"""Prefill on the embedded model: the split (ipc, tcp), passthrough, tee-only and transformers.
+"""Prefill on the embedded model: the split (ipc through shared memory, ipc as frames, tcp), passthrough,
+tee-only and transformers.
 
-Every placement runs the same ids: the TSQP Llama forward on four ops objects (remote over
-ipc, remote over tcp, passthrough, tee-only: one model file, different backends), and
-transformers' own LlamaForCausalLM forward in this process as the reference. After --warmup
-untimed forwards each, --runs rounds visit every placement once, so drift on a shared host
-hits all five alike; each point is a median, its time breakdown that median run's.
+Every placement runs the same ids: the TSQP Llama forward on five ops objects (remote over ipc
+through shared memory, over ipc with every tensor a ZeroMQ frame, over tcp, passthrough,
+tee-only: one model file, different backends), and transformers' own LlamaForCausalLM forward
+in this process as the reference. --logits last (the default, as tee-client's) asks LMHead for
+each row's last position only and compares with transformers' `logits_to_keep=1`; --logits all
+compares every position with a full forward. After --warmup untimed forwards each, --runs
+rounds visit every placement once, so drift on a shared host hits all alike; each point is a
+median, its time breakdown that median run's.
 """
 
 import argparse
@@ -35,14 +39,14 @@ from tee_client.stats import Stats  # noqa: E402
 
 PROMPT = "The capital of France is Paris. " * 200  # long enough to fill every length: no padding
 POINTS = [(128, 1), (256, 1), (512, 1), (1024, 1), (256, 4)]
-PLACEMENTS = ["remote ipc", "remote tcp", "passthrough", "tee-only", "transformers"]
+PLACEMENTS = ["remote ipc", "remote ipc frames", "remote tcp", "passthrough", "tee-only", "transformers"]
 
 
-def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack) -> dict:
-    """name -> forward(input_ids, attention_mask): the same Llama on four ops objects, and transformers."""
+def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, logits: str) -> dict:
+    """name -> forward(input_ids, attention_mask): the same Llama on five ops objects, and transformers."""
     from transformers import LlamaForCausalLM
 
-    def tsqp(backend: str, endpoint: str = ipc) -> Callable:
+    def tsqp(backend: str, endpoint: str = ipc, shm: bool = True) -> Callable:
         """The ops object exactly as tee-client builds it (tee_client.ops.make_ops)."""
         settings = PrefillSettings(
             backend=backend,
@@ -51,21 +55,28 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack) -> di
             gpu_device=str(device),
             dtype="float32",
             rpc_timeout=300,
+            shm=shm,
         )
         ops = make_ops(settings)
         stack.callback(ops.close)
-        return Llama(ops.init(), ops).forward
+        model = Llama(ops.init(), ops)
+        if backend == "remote" and ops.transport() != ("shm" if shm and endpoint == ipc else "frames"):
+            raise RuntimeError(f"{backend} {endpoint}: tensors cross as {ops.transport()}, not as planned")
+        return lambda ids, mask: model.forward(ids, mask, logits)
 
     folder, _ = resolve_folder(embedded_model_path())
     reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 
+    keep = {"logits_to_keep": 1} if logits == "last" else {}  # like for like: LMHead at the last position only
+
     @torch.inference_mode()
     def transformers_forward(input_ids, attention_mask):
-        out = reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        out = reference(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **keep).logits
         return out.to("cpu")  # the same ending as the TSQP placements: logits in host memory
 
     return {
         "remote ipc": tsqp("remote", ipc),
+        "remote ipc frames": tsqp("remote", ipc, shm=False),
         "remote tcp": tsqp("remote", tcp),
         "passthrough": tsqp("passthrough"),
         "tee-only": tsqp("tee-only"),
@@ -81,11 +92,16 @@ def measure(args) -> dict:
         for url in (ipc, tcp):
             # the embedded model named outright, so an exported LLAMA_MODEL_PATH cannot swap it in
             stack.enter_context(
-                ServerProcess(url, "--model", str(embedded_model_path()), "--device", str(device), "--dtype", "float32")
+                ServerProcess(
+                    url,
+                    *("--model", str(embedded_model_path()), "--device", str(device), "--dtype", "float32"),
+                    env={"LLAMA_SHM": "1"},
+                )
             )
-        forwards = placements(ipc, tcp, device, stack)
+        forwards = placements(ipc, tcp, device, stack, args.logits)
         tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
-        for length, batch in POINTS:
+        points_asked = [tuple(map(int, p.split("x"))) for p in args.points.split(",")] if args.points else POINTS
+        for length, batch in points_asked:
             ids, mask, *_ = encode_batch(tokenizer, [PROMPT], batch, length)
             for forward in forwards.values():
                 for _ in range(args.warmup):
@@ -100,7 +116,7 @@ def measure(args) -> dict:
                 + ", ".join(f"{k} {v['median_s'] * 1e3:.0f} ms" for k, v in points[-1]["placements"].items()),
                 flush=True,
             )
-    return {"device": str(device), "warmup": args.warmup, "runs": args.runs, "points": points}
+    return {"device": str(device), "logits": args.logits, "warmup": args.warmup, "runs": args.runs, "points": points}
 
 
 def timed_forward(forward, ids, mask, device) -> tuple[float, Stats]:
@@ -151,7 +167,8 @@ def plot(data: dict):
     ax.set_xticks([p["length"] for p in single], [str(p["length"]) for p in single])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    at512 = next(p for p in data["points"] if p["length"] == 512 and p["batch"] == 1)["placements"]
+    shown = next((p for p in data["points"] if p["length"] == 512 and p["batch"] == 1), data["points"][-1])
+    at512 = shown["placements"]
     names = [n for n in PLACEMENTS if at512[n]["timing"]]
     bottom = np.zeros(len(names))
     for part, label in (
@@ -163,7 +180,8 @@ def plot(data: dict):
         values = np.array([at512[n]["timing"][part] for n in names])
         bx.bar(names, values, bottom=bottom, label=label)
         bottom += values
-    bx.set(ylabel="ms", title="Where the time goes at length 512")
+    bx.set(ylabel="ms", title=f"Where the time goes at length {shown['length']}, batch {shown['batch']}")
+    bx.tick_params(axis="x", labelrotation=20)
     bx.legend()
     return fig
 
@@ -218,10 +236,25 @@ def main(argv=None) -> int:
     p.add_argument(
         "--device", default=None, help="device for the server, passthrough and transformers (default: cuda if any)"
     )
+    p.add_argument(
+        "--logits",
+        choices=("last", "all"),
+        default="last",
+        help="LMHead at each row's last position (reference: logits_to_keep=1; the default) or at every position",
+    )
+    p.add_argument(
+        "--points", default=None, help="length x batch to run, e.g. 512x1,1024x1 (default: every point of POINTS)"
+    )
     args = p.parse_args(argv)
     data = measure(args)
-    write_json("prefill", data)
-    finish("prefill", plot(data), table(data), f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+    name = "prefill" if args.logits == "last" else "prefill-all-logits"
+    write_json(name, data)
+    finish(
+        name,
+        plot(data),
+        table(data),
+        f"logits {args.logits}; median of {args.runs} interleaved rounds after {args.warmup} warm-up",
+    )
     return 0
 
 

@@ -1,10 +1,12 @@
-"""IPC vs TCP: round trip and throughput from 0 B to 64 MiB, raw pyzmq beside the service protocol.
+"""IPC vs TCP, frames vs shared memory: round trip and throughput from 0 B to 64 MiB, raw pyzmq beside the protocol.
 
-Four lines on one log-log plot: {ipc, tcp://127.0.0.1} x {raw REQ/REP echo, protocol Echo}.
-Both layers cross a process boundary: raw into a zmq-only echo process, protocol into a real
-gpu-server. All four run at once and each size is timed in five rounds that visit the four in
-turn (3 warm-up round trips each time), over 5 to 300 repetitions in all, bounded by the bytes
-moved; medians and p99 are reported, and ratios compare numbers from the same rounds.
+Five lines on one log-log plot: raw REQ/REP echo over ipc and over tcp://127.0.0.1, and the
+service's own Echo over ipc with tensors as ZeroMQ frames, over ipc through shared memory
+(protocol.shm), and over tcp. Every line crosses a process boundary: raw into a zmq-only echo
+process, protocol into a real gpu-server. All run at once and each size is timed in five rounds
+that visit them in turn (3 warm-up round trips each time), over 5 to 300 repetitions in all,
+bounded by the bytes moved; medians and p99 are reported, and ratios compare numbers from the
+same rounds.
 """
 
 import sys
@@ -32,21 +34,31 @@ def measure(tmp: str, sizes: list[int], rounds: int = 5) -> dict:
             t: stack.enter_context(probe.raw_echo_server(u))
             for t, u in (("ipc", f"ipc://{tmp}/raw.ipc"), ("tcp", "tcp://127.0.0.1:0"))
         }
-        proto_urls = {"ipc": f"ipc://{tmp}/proto.ipc", "tcp": f"tcp://127.0.0.1:{free_tcp_port()}"}
-        for url in proto_urls.values():
-            stack.enter_context(ServerProcess(url, "--device", "cpu"))
-        rpc = {t: stack.enter_context(RpcClient(u, timeout_s=60)) for t, u in proto_urls.items()}
-        series = {f"{t} {layer}": [] for t in ("ipc", "tcp") for layer in ("raw", "protocol")}
+        ipc, tcp = f"ipc://{tmp}/proto.ipc", f"tcp://127.0.0.1:{free_tcp_port()}"
+        for url in (ipc, tcp):
+            stack.enter_context(ServerProcess(url, "--device", "cpu", env={"LLAMA_SHM": "1"}))
+        rpc = {
+            "ipc frames": stack.enter_context(RpcClient(ipc, timeout_s=60, shm=False)),
+            "ipc shm": stack.enter_context(RpcClient(ipc, timeout_s=60, shm=True)),
+            "tcp frames": stack.enter_context(RpcClient(tcp, timeout_s=60)),
+        }
+        for client in rpc.values():
+            client.call("Ping")  # the shm client learns the offer; its first tensor attaches a region
+        series = {name: [] for name in ("ipc raw", "ipc frames", "ipc shm", "tcp raw", "tcp frames")}
         for size in sizes:
             n = max(1, probe.repetitions(size) // rounds)
             samples = {name: [] for name in series}
             for _ in range(rounds):
-                for t in ("ipc", "tcp"):
-                    samples[f"{t} raw"] += probe.time_raw(raw[t], size, n)
-                    samples[f"{t} protocol"] += probe.time_protocol(rpc[t], size, n)
+                for name in series:
+                    if name.endswith("raw"):
+                        samples[name] += probe.time_raw(raw[name.split()[0]], size, n)
+                    else:
+                        samples[name] += probe.time_protocol(rpc[name], size, n)
             for name, got in samples.items():
-                summary = probe.summarize_calls(got) if "protocol" in name else probe.spread(got)
+                summary = probe.spread(got) if name.endswith("raw") else probe.summarize_calls(got)
                 series[name].append({"size": size, **summary})
+        if rpc["ipc shm"].region is None:
+            raise RuntimeError("the ipc shm client never got a shared-memory region: nothing to compare")
     return series
 
 
@@ -59,7 +71,7 @@ def plot(series: dict):
             [r["median_ms"] for r in rows],
             marker="o",
             ms=3,
-            linestyle="-" if "protocol" in name else "--",
+            linestyle="--" if name.endswith("raw") else "-",
             label=name,
         )
     ax.set(
@@ -67,22 +79,41 @@ def plot(series: dict):
         yscale="log",
         xlabel="payload each way (bytes)",
         ylabel="round trip, median (ms)",
-        title="Round trip vs payload: ipc vs tcp loopback, raw zmq vs TSQP protocol",
+        title="Round trip vs payload: raw zmq vs the TSQP protocol (frames, shared memory)",
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return fig
 
 
+PROTOCOL = ("ipc frames", "ipc shm", "tcp frames")
+
+
 def table(series: dict) -> str:
     names = list(series)
-    header = ["payload"] + [f"{n} p50 ms (p99)" for n in names] + ["ipc protocol GB/s", "tcp protocol GB/s"]
+    header = ["payload"] + [f"{n} p50 ms (p99)" for n in names] + [f"{n} GB/s" for n in PROTOCOL]
+    header.append("shm vs frames")
     rows = []
     for i, size in enumerate(r["size"] for r in series[names[0]]):
         row = [human(size)] + [f"{series[n][i]['median_ms']:.3f} ({series[n][i]['p99_ms']:.3f})" for n in names]
-        row += [f"{probe.gbps(size, series[n][i]['median_ms'] / 1e3):.2f}" for n in ("ipc protocol", "tcp protocol")]
+        row += [f"{probe.gbps(size, series[n][i]['median_ms'] / 1e3):.2f}" for n in PROTOCOL]
+        row.append(f"{series['ipc frames'][i]['median_ms'] / series['ipc shm'][i]['median_ms']:.1f}x")
         rows.append(row)
     return markdown_table(header, rows)
+
+
+def notes(series: dict) -> list[str]:
+    """The two targets: the empty call against raw zmq, 64 MiB through shared memory against frames."""
+    empty = {n: series[n][0]["median_ms"] for n in series}
+    largest = {n: series[n][-1] for n in series}
+    return [
+        f"\nempty call over ipc: protocol {empty['ipc frames']:.3f} ms (shm client {empty['ipc shm']:.3f} ms), "
+        f"raw zmq {empty['ipc raw']:.3f} ms: {empty['ipc frames'] / empty['ipc raw']:.2f}x "
+        f"({empty['ipc shm'] / empty['ipc raw']:.2f}x)",
+        f"{human(largest['ipc shm']['size'])} Echo over ipc: {largest['ipc frames']['median_ms']:.1f} ms as frames, "
+        f"{largest['ipc shm']['median_ms']:.1f} ms through shared memory: "
+        f"{largest['ipc frames']['median_ms'] / largest['ipc shm']['median_ms']:.1f}x faster",
+    ]
 
 
 def main() -> int:
@@ -94,7 +125,8 @@ def main() -> int:
         "transport",
         plot(series),
         table(series),
-        f"\nmemcpy: {memcpy['reused_gbps']:.1f} GB/s into reused memory, "
+        *notes(series),
+        f"memcpy: {memcpy['reused_gbps']:.1f} GB/s into reused memory, "
         f"{memcpy['fresh_gbps']:.1f} GB/s into fresh buffers",
     )
     return 0

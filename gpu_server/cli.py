@@ -5,12 +5,13 @@ import logging
 import sys
 
 from protocol.endpoints import default_endpoint
-from tsqp.cli import add_model_flags, prefer_passive_openmp, run_cli
+from tsqp.cli import add_model_flags, add_shm_flag, prefer_passive_openmp, run_cli
 
 EPILOG = f"""
 Each flag can also come from the environment: LLAMA_MODEL_PATH, LLAMA_GPU_ENDPOINT,
 LLAMA_GPU_DEVICE, LLAMA_DTYPE, LLAMA_MAX_MESSAGE_MB, LLAMA_MAX_RESULT_MB,
-LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_AUTHORIZED_KEYS, LLAMA_LOG_LEVEL, LLAMA_RECORD_DIR;
+LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_AUTHORIZED_KEYS, LLAMA_LOG_LEVEL, LLAMA_RECORD_DIR,
+LLAMA_SHM (0: no shared memory), LLAMA_SHM_DIR (variable only: where regions are made);
 a flag wins.
 The default endpoint is {default_endpoint()}, in a folder only you can enter.
 The server prints one line containing 'ready' once it answers, and 'gpu-server stopped' when
@@ -32,12 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--curve-secret-key", metavar="FILE", help="CURVE on: this server's .key_secret (see tsqp-keygen)")
     p.add_argument("--curve-authorized-keys", metavar="DIR", help="CURVE: folder of the client .key files admitted")
+    add_shm_flag(p)
     p.add_argument(
         "--record",
         dest="record_dir",
         metavar="DIR",
         help="save every tensor every request sends to this server in DIR (what a spying host would keep: "
         "for audits and tests; off by default, loud in the log when on)",
+    )
+    p.add_argument(
+        "--inject-fault",
+        metavar="METHOD:N",
+        help="tests only, refused unless TSQP_TESTING=1: the N-th reply of METHOD comes back wrong "
+        "(what tee-client --verify must catch)",
     )
     p.add_argument(
         "--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level (default INFO)"

@@ -13,22 +13,35 @@ import msgpack
 import torch
 from pydantic import ValidationError
 
-from protocol.errors import BadRequest, BadShape, ModelMismatch, TSQPError
-from protocol.messages import Request
+from gpu_server.regions import Regions
+from protocol.errors import BadRequest, BadShape, ModelMismatch, RegionGone, TSQPError, UsageError
+from protocol.messages import Request, ShmAttachArgs, ShmDetachArgs
 from protocol.wire import PROTOCOL_VERSION, check_version, encode_tensors, unpack_header, unpack_tensors
 from tsqp.engine import Engine
 from tsqp.methods import dispatch
 
 log = logging.getLogger("gpu_server")
+SHM_METHODS = ("ShmAttach", "ShmDetach")  # transport, not model: answered here (protocol.shm)
 
 
 class Handler:
-    def __init__(self, engine: Engine, max_message_bytes: int | None = None, record_dir: Path | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_message_bytes: int | None = None,
+        record_dir: Path | None = None,
+        fault: "Fault | None" = None,
+        regions: Regions | None = None,
+    ):
         self.engine = engine
         self.served = 0
         self.errors = 0
         self.limits = {"max_message_bytes": max_message_bytes} if max_message_bytes else {}
         self.record_dir = record_dir  # gpu-server --record: keep every request's tensors, as a spy would
+        self.fault = fault  # gpu-server --inject-fault (tests only): a lying server
+        self.regions = regions  # shared memory with ipc clients (gpu_server.regions); None: frames only
+        if regions is not None:  # Init and Ping say so
+            self.limits["shm"] = regions.offer()
 
     def handle(self, frames: list) -> list:
         self.served += 1
@@ -37,17 +50,26 @@ class Handler:
             t0 = time.perf_counter_ns()
             header = unpack_header(frames[0])
             request = self.decode(header)
-            tensors = unpack_tensors(request.tensors, frames[1:])
-            if self.record_dir is not None:
+            region = self.region(request)
+            tensors = unpack_tensors(request.tensors, frames[1:], region and region.request)
+            if region is not None:  # token ids are checked, then indexed with: not from memory the client can change
+                tensors = [t if t.is_floating_point() else t.clone() for t in tensors]
+            if self.record_dir is not None and request.method not in SHM_METHODS:  # what the model calls showed
                 self.record(request, tensors)
             t1 = time.perf_counter_ns()
-            result, out, compute_ns = dispatch(self.engine, request.method, request.args, tensors)
+            if region is None:
+                result, out, compute_ns = self.dispatch(request, tensors)
+            else:
+                with self.engine.results_in(region.reply.reset().take):  # results straight into the reply area
+                    result, out, compute_ns = self.dispatch(request, tensors)
             if request.method == "Ping":  # how this server is doing, beside what the model is
                 result = {**result, **self.limits, "served": self.served, "errors": self.errors}
             elif request.method == "Init":  # so a client refuses to send what this server would drop
                 result = {**result, **self.limits}
+            if self.fault is not None:
+                out = self.fault.apply(request.method, out)
             t2 = time.perf_counter_ns()
-            specs, buffers = encode_tensors(out)
+            specs, buffers = encode_tensors(out, region and region.reply)
             t3 = time.perf_counter_ns()
         except Exception as e:  # every failure becomes a reply; the server keeps serving
             self.errors += 1
@@ -55,6 +77,27 @@ class Handler:
         timing = {"decode_ms": (t1 - t0) / 1e6, "compute_ms": compute_ns / 1e6, "encode_ms": (t3 - t2) / 1e6}
         reply = {"v": PROTOCOL_VERSION, "id": request.id, "ok": True, "result": result, "tensors": specs}
         return [msgpack.packb({**reply, "timing": timing}, use_bin_type=True), *buffers]
+
+    def region(self, request: Request):
+        """The shared-memory region the request names (gpu_server.regions), or None: its tensors are frames."""
+        if request.shm is None:
+            return None
+        if self.regions is None:
+            raise RegionGone("shared memory is off on this server")
+        return self.regions.get(request.shm)
+
+    def dispatch(self, request: Request, tensors: list) -> tuple[dict, list, int]:
+        """The method table's call, or one of the two transport methods that set up shared memory."""
+        if request.method not in SHM_METHODS:
+            return dispatch(self.engine, request.method, request.args, tensors)
+        if self.regions is None:
+            raise BadRequest(f"{request.method}: shared memory is off on this server")
+        if tensors:
+            raise BadShape(f"{request.method} takes no tensors")
+        if request.method == "ShmAttach":
+            return {"shm": self.regions.attach(ShmAttachArgs.model_validate(request.args))}, [], 0
+        self.regions.detach(ShmDetachArgs.model_validate(request.args).name)
+        return {}, [], 0
 
     def decode(self, header: dict) -> Request:
         check_version(header)
@@ -85,3 +128,36 @@ class Handler:
             log.error("internal error answering %.40s", header.get("method"), exc_info=e)
             error = {"type": "InternalError", "message": f"{type(e).__name__} (details in the server log)"}
         return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error}
+
+
+class Fault:
+    """`--inject-fault METHOD:N` (tests only): the N-th reply of METHOD comes back wrong.
+
+    One element of its first tensor moves by the tensor's RMS (a typical activation), or by a
+    quarter of the ring for ring elements; everything else is the honest result. What `--verify`
+    must catch.
+    """
+
+    ENV = "TSQP_TESTING"  # the switch is refused unless this is set to 1
+
+    def __init__(self, spec: str):
+        method, _, count = spec.partition(":")
+        if not method or not count.isdigit() or int(count) < 1:
+            raise UsageError(f"--inject-fault {spec!r}: expected METHOD:N, e.g. Linear:3 (N counts from 1)")
+        self.method, self.n, self.seen = method, int(count), 0
+
+    def apply(self, method: str, out: list) -> list:
+        if method != self.method:
+            return out
+        self.seen += 1
+        if self.seen != self.n or not out or out[0].numel() == 0:
+            return out
+        wrong = out[0].clone()
+        flat = wrong.view(-1)
+        if wrong.is_floating_point():
+            step = flat.float().square().mean().sqrt().clamp_min(1e-3).item()
+        else:  # ring elements: a quarter of the ring (the largest element tells its size)
+            step = 1 << max(int(flat.max()).bit_length() - 2, 0)
+        flat[min(wrong.shape[-1] + 1, flat.numel() - 1)] += step  # row 1, column 1: the second token
+        log.warning("injected a fault into %s reply %d (testing)", method, self.n)
+        return [wrong, *out[1:]]

@@ -3,10 +3,11 @@
 startup    validate the settings, claim the endpoint (an ipc endpoint: take its lock file, so
            exactly one of two servers started at once serves), load the model, bind, print
            one `ready` line (not if a signal came during the load)
-main loop  poll (so signals are seen within 100 ms), answer one request at a time
+main loop  wait for a request (at most 100 ms, so signals are seen), answer one at a time; once a
+           second, drop shared-memory regions nobody used for long (gpu_server.regions)
 shutdown   deliver the reply to the request in hand (2 s at most), answer any request that
-           arrived meanwhile with ServerStopping, close, remove the socket file only if it is
-           still the one this server bound, release the lock
+           arrived meanwhile with ServerStopping, close, drop every shared-memory region,
+           remove the socket file only if it is still the one this server bound, release the lock
 
 Signals are handled in one place (`handle_exit`): they only set `should_exit`.
 """
@@ -15,21 +16,24 @@ import fcntl
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import msgpack
 import zmq
 
-from gpu_server.handler import Handler
+from gpu_server.handler import Fault, Handler
+from gpu_server.regions import Regions
 from gpu_server.settings import ServerSettings
 from protocol.endpoints import Endpoint, make_private_dir, probe_ipc, runtime_dir
-from protocol.errors import EndpointBusy
+from protocol.errors import EndpointBusy, UsageError
 from protocol.security import serve_curve
-from protocol.wire import PROTOCOL_VERSION, TORCH_DTYPES
+from protocol.wire import PROTOCOL_VERSION, TORCH_DTYPES, recv_frames, send_frames
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
 
 POLL_MS = 100
+SWEEP_S = 1.0  # how often idle shared-memory regions are looked for
 SHUTDOWN_LINGER_MS = 2000
 # Replies wait in a peer's queue while it does not read them; a REQ client has at most one
 # outstanding, so a queue of two bounds what a client that stops reading can pin in memory.
@@ -59,12 +63,15 @@ class Server:
     def startup(self) -> None:
         s = self.settings
         device = s.device  # an unusable device fails here, before anything is created
+        fault = self.fault()
         self.claim_endpoint()
         ckpt = load_checkpoint(s.model_path, TORCH_DTYPES[s.dtype], device)
         if self.should_exit:
             log.info("stopping: a signal came while the model loaded")
             return
-        self.handler = Handler(Engine(ckpt, s.max_result_bytes), s.max_message_bytes, self.record_dir())
+        self.handler = Handler(
+            Engine(ckpt, s.max_result_bytes), s.max_message_bytes, self.record_dir(), fault, self.regions(device)
+        )
         self.socket = self.bind()
         print(
             f"gpu-server ready on {self.endpoint.url} (model {ckpt.name}, device {device}, dtype {s.dtype})",
@@ -79,11 +86,38 @@ class Server:
         log.warning("RECORDING every request's tensors to %s (--record): this server keeps what clients send", folder)
         return folder
 
+    def fault(self) -> Fault | None:
+        if self.settings.inject_fault is None:
+            return None
+        if os.environ.get(Fault.ENV) != "1":
+            raise UsageError(f"--inject-fault is for tests only: it is refused unless {Fault.ENV}=1")
+        log.warning("FAULT INJECTION on: reply %s will be wrong (--inject-fault, testing)", self.settings.inject_fault)
+        return Fault(self.settings.inject_fault)
+
+    def regions(self, device) -> Regions | None:
+        """Shared memory for ipc clients (protocol.shm), unless turned off or CURVE is on."""
+        s = self.settings
+        if not s.shared_memory:
+            return None
+        return Regions(s.shm_dir, s.max_message_bytes, s.max_result_bytes, device)
+
     def main_loop(self) -> None:
+        regions, swept = self.handler.regions, time.monotonic()
         while not self.should_exit:
-            if self.socket.poll(POLL_MS, zmq.POLLIN):
-                frames = self.socket.recv_multipart(copy=False)
-                self.socket.send_multipart(self.handler.handle(frames), copy=False)
+            try:  # a blocking recv with a timeout (RCVTIMEO = POLL_MS): no poll call on the way of every request
+                frames = recv_frames(self.socket)
+            except zmq.Again:
+                frames = None
+            if frames is not None:
+                reply = self.handler.handle(frames)
+                # Let zmq take in its peers' read acknowledgements first: with SNDHWM 2 a pipe whose acks are
+                # not yet processed looks full, and REP drops the reply unsent. A recv that finds a request
+                # waiting processes them only once per 100 messages; asking for EVENTS always does.
+                self.socket.getsockopt(zmq.EVENTS)
+                send_frames(self.socket, reply)
+            if regions is not None and time.monotonic() - swept > SWEEP_S:
+                regions.sweep()
+                swept = time.monotonic()
 
     def shutdown(self) -> None:
         if self.auth is not None:
@@ -94,6 +128,8 @@ class Server:
             # Replies are sent zero-copy from tensor memory: wait until zmq is done with it
             # (term blocks until every message is out or the linger expires) before Python frees it.
             zmq.Context.instance().term()
+            if self.handler.regions is not None:
+                self.handler.regions.close()  # unlinks any region file a client never mapped
             self.remove_own_socket_file()
             print("gpu-server stopped", flush=True)
         self.release_endpoint()
@@ -142,6 +178,7 @@ class Server:
         socket.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         socket.setsockopt(zmq.SNDHWM, SEND_HWM)
         socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVTIMEO, POLL_MS)  # the main loop looks at should_exit this often
         if self.settings.curve_secret_key:
             self.auth = serve_curve(socket, self.settings.curve_secret_key, self.settings.curve_authorized_keys)
         elif self.endpoint.transport == "tcp" and not self.endpoint.is_loopback:

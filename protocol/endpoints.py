@@ -19,6 +19,7 @@ from pathlib import Path
 from protocol.errors import UsageError
 
 IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+SHM_DIR = "/dev/shm"  # where ipc:// peers create and open shared-memory regions (protocol.shm), by default
 
 
 def runtime_dir() -> Path:

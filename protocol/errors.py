@@ -47,6 +47,10 @@ class TooLarge(BadRequest):
     """A request or its result is over the server's size cap."""
 
 
+class RegionGone(BadRequest):
+    """The request names a shared-memory region this server does not hold (dropped, or a restarted server)."""
+
+
 class ModelMismatch(TSQPError):
     """The server holds a different model than the one this client initialised with."""
 
@@ -72,6 +76,7 @@ WIRE_ERRORS = {
         UnknownModule,
         BadShape,
         TooLarge,
+        RegionGone,
         ModelMismatch,
         ServerStopping,
     )

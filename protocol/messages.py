@@ -19,9 +19,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Offset = Annotated[int, Field(ge=0, le=MAX_ELEMENTS * 8)]  # bytes; any larger cannot lie in a region
+
+
 class TensorSpec(Strict):
     dtype: DType
     shape: Annotated[list[Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]], Field(max_length=MAX_DIMS)]
+    shm: tuple[Offset, Offset] | None = None  # [offset, nbytes] in the sender's shared-memory area (protocol.shm)
 
     @field_validator("shape")
     @classmethod
@@ -52,6 +56,7 @@ class Request(Strict):
     args: dict[str, Any] = {}
     tensors: list[TensorSpec] = []
     fingerprint: str | None = None  # the model the client initialised with; a server holding another refuses
+    shm: Annotated[str, Field(max_length=64)] | None = None  # the client's shared-memory region (protocol.shm)
 
 
 class Timing(Strict):
@@ -111,3 +116,30 @@ class RingArgs(Strict):
 class LinearRingArgs(RingArgs):
     layer: NonNegativeInt
     names: ModuleNames
+
+
+class ShmAttachArgs(Strict):
+    """A shared-memory region of these sizes for this client (protocol.shm); the server may give less."""
+
+    request_bytes: Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]
+    reply_bytes: Annotated[int, Field(ge=1, le=MAX_ELEMENTS)]
+    replaces: Annotated[str, Field(max_length=64)] | None = None  # the client's previous region: dropped
+
+
+class ShmOffer(Strict):
+    """Init and Ping, when the server offers shared memory: the largest areas it creates."""
+
+    max_request_bytes: Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
+    max_reply_bytes: Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
+
+
+class ShmRegion(Strict):
+    """ShmAttach's answer: the region's file name in the shm folder, and the two areas' sizes."""
+
+    name: Annotated[str, Field(max_length=64)]
+    request_bytes: Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
+    reply_bytes: Annotated[int, Field(ge=0, le=MAX_ELEMENTS)]
+
+
+class ShmDetachArgs(Strict):
+    name: Annotated[str, Field(max_length=64)]

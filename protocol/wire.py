@@ -3,13 +3,19 @@
 Every request and every reply is one ZeroMQ multipart message (REQ/REP):
 
     frame 0    msgpack header, validated by the pydantic models in protocol.messages
-    frame 1..  one frame per entry of header["tensors"]: the tensor's raw bytes,
-               C-contiguous, little-endian, exactly prod(shape) * itemsize long
+    frame 1..  one frame per entry of header["tensors"] without "shm": the tensor's raw
+               bytes, C-contiguous, little-endian, exactly prod(shape) * itemsize long
+
+    A tensor spec with "shm": [offset, nbytes] has no frame: its bytes lie at that offset
+    in the sender's area of the client's shared-memory region (ipc:// only; protocol.shm
+    has the layout, the handshake and who owns what when), and the header names the
+    region: request {"shm": "tsqp-shm-…"}. Tensors that do not fit there cross as frames.
 
     request    {"v": PROTOCOL_VERSION, "id": n, "method": "Linear",
                 "args": {"layer": 3, "names": ["q_proj", "k_proj", "v_proj"]},
                 "tensors": [{"dtype": "float32", "shape": [1, 128, 576]}],
-                "fingerprint": "…"}   (optional: the model the client initialised with)
+                "fingerprint": "…",   (optional: the model the client initialised with)
+                "shm": "tsqp-shm-…"}  (optional: the client's shared-memory region)
     reply      {"v", "id", "ok": true, "result": {...}, "tensors": [...],
                 "timing": {"decode_ms", "compute_ms", "encode_ms"}}
     error      {"v", "id", "ok": false, "error": {"type": "BadShape", "message": "..."}}
@@ -17,8 +23,9 @@ Every request and every reply is one ZeroMQ multipart message (REQ/REP):
 A server refuses (ModelMismatch) a request whose fingerprint is not its model's, so a client
 whose server was replaced mid-run gets an error, never silently different logits.
 Tensor elements are never msgpacked: a tensor crosses as one frame, zero-copy above pyzmq's
-64 KiB threshold. bfloat16 crosses as its 2-byte payload. `encode_ms` in a reply covers moving
-the result to host memory and framing it, everything but the final send.
+64 KiB threshold, or through shared memory. bfloat16 crosses as its 2-byte payload. `encode_ms`
+in a reply covers moving the result to host memory and framing or placing it, everything but
+the final send.
 """
 
 import warnings
@@ -26,11 +33,12 @@ from collections.abc import Sequence
 
 import msgpack
 import torch
+import zmq
 
 from protocol.errors import BadRequest, BadShape, VersionMismatch
 from protocol.messages import ITEMSIZE, TensorSpec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tensors may lie in shared memory (protocol.shm)
 
 # Received frames are read-only and tensors view them without a copy; nothing writes to them.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
@@ -61,13 +69,23 @@ def tensor_from_buffer(spec: TensorSpec, buf) -> torch.Tensor:
     return torch.frombuffer(view, dtype=TORCH_DTYPES[spec.dtype]).view(spec.shape)
 
 
-def encode_tensors(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list[memoryview]]:
-    return [tensor_spec(t) for t in tensors], [tensor_buffer(t) for t in tensors]
+def encode_tensors(tensors: Sequence[torch.Tensor], area=None) -> tuple[list[dict], list[memoryview]]:
+    """Specs and frames; with `area` (this side's protocol.shm.Area) each tensor that fits is placed there instead."""
+    specs, buffers = [], []
+    for t in tensors:
+        spec = tensor_spec(t)
+        at = area.place(t) if area is not None else None
+        if at is None:
+            buffers.append(tensor_buffer(t))
+        else:
+            spec["shm"] = at
+        specs.append(spec)
+    return specs, buffers
 
 
-def pack(header: dict, tensors: Sequence[torch.Tensor] = ()) -> list:
-    """Frames for one message: the msgpack header, then each tensor's raw buffer."""
-    specs, buffers = encode_tensors(tensors)
+def pack(header: dict, tensors: Sequence[torch.Tensor] = (), area=None) -> list:
+    """Frames for one message: the msgpack header, then each tensor's raw buffer (unless it went to `area`)."""
+    specs, buffers = encode_tensors(tensors, area)
     return [msgpack.packb({**header, "tensors": specs}, use_bin_type=True), *buffers]
 
 
@@ -86,11 +104,32 @@ def check_version(header: dict) -> None:
         raise VersionMismatch(f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
 
 
-def unpack_tensors(specs: Sequence[TensorSpec], frames: Sequence) -> list[torch.Tensor]:
-    if len(frames) != len(specs):
-        raise BadShape(f"{len(specs)} tensor descriptors but {len(frames)} tensor frames")
-    return [tensor_from_buffer(s, f) for s, f in zip(specs, frames, strict=True)]
+def unpack_tensors(specs: Sequence[TensorSpec], frames: Sequence, area=None) -> list[torch.Tensor]:
+    """Tensors viewing their frames, or (specs with "shm") the peer's `area`, each checked against it first."""
+    framed = [s for s in specs if s.shm is None]
+    if len(frames) != len(framed):
+        raise BadShape(f"{len(framed)} tensor descriptors without shared memory but {len(frames)} tensor frames")
+    if area is None and len(framed) != len(specs):
+        raise BadShape("a tensor lies in shared memory, but the message names no region of this peer")
+    frames = iter(frames)
+    return [tensor_from_buffer(s, next(frames)) if s.shm is None else area.view(s) for s in specs]
 
 
 def frame_bytes(frames: Sequence) -> int:
     return sum(memoryview(f).nbytes for f in frames)
+
+
+def send_frames(socket: zmq.Socket, frames: Sequence) -> None:
+    """Send one message: the header copied (small: cheapest), tensor frames zero-copy."""
+    last = len(frames) - 1
+    socket.send(frames[0], zmq.SNDMORE if last else 0)
+    for i in range(1, last + 1):
+        socket.send(frames[i], zmq.SNDMORE if i < last else 0, copy=False)
+
+
+def recv_frames(socket: zmq.Socket) -> list:
+    """Receive one message (zmq.Again past the socket's RCVTIMEO): the header as bytes, tensor frames zero-copy."""
+    frames = [socket.recv()]
+    while socket.getsockopt(zmq.RCVMORE):
+        frames.append(socket.recv(copy=False))
+    return frames

@@ -5,15 +5,16 @@ import sys
 import typing
 
 from protocol.endpoints import default_endpoint
-from tsqp.cli import add_model_flags, prefer_passive_openmp, run_cli
+from tsqp.cli import add_model_flags, add_shm_flag, keep_freed_memory, prefer_passive_openmp, run_cli
 
 PREFILL_EPILOG = f"""
 Flags may also come from the environment (a flag wins): LLAMA_GPU_ENDPOINT,
 LLAMA_PREFILL_LENGTH, LLAMA_TEE_BATCH_SIZE, LLAMA_PROMPT_PATH, LLAMA_TEE_RESULT_PATH,
 LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY, LLAMA_MODEL_FINGERPRINT,
-LLAMA_BACKEND, LLAMA_PRIVACY, LLAMA_MIX_BLOCK, LLAMA_SAVE_LOGITS, LLAMA_WARMUP, LLAMA_REPEAT,
-and for the in-process backends and the privacy modes LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE,
-LLAMA_DTYPE (tee-only always runs on the CPU).
+LLAMA_BACKEND, LLAMA_PRIVACY, LLAMA_MIX_BLOCK, LLAMA_VERIFY, LLAMA_SAVE_LOGITS, LLAMA_LOGITS, LLAMA_WARMUP,
+LLAMA_REPEAT, LLAMA_SHM (0: no shared memory), LLAMA_SHM_DIR (variable only), and for the
+in-process backends and the privacy modes LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE
+(tee-only always runs on the CPU).
 The default endpoint is {default_endpoint()}.
 
 With --backend remote and --privacy plain (the defaults) the client needs only the endpoint:
@@ -57,7 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     pre.add_argument("--output", dest="tee_result_path", metavar="result.json", help="write the result JSON here")
     pre.add_argument(
-        "--save-logits", metavar="logits.npz", help="write logits [B,N,vocab], input_ids and attention_mask"
+        "--save-logits",
+        metavar="logits.npz",
+        help="write logits [B,N,vocab] (implies --logits all), input_ids and attention_mask",
+    )
+    pre.add_argument(
+        "--logits",
+        choices=("last", "all"),
+        help="ask LMHead for each row's last real position only (last; the default) or for every position "
+        "(all; the default with --save-logits, and --logits last then saves last_logits [B,1,vocab])",
     )
     pre.add_argument("--backend", choices=typing.get_args(Backend), help="where the linear ops run (default remote)")
     pre.add_argument(
@@ -66,6 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="what the GPU host may see: plain (everything; the default), otp (uniform one-time-padded ring "
         "elements: nothing about the prompt), mix (tokens mixed in fresh random blocks: heuristic, faster); "
         "otp and mix keep token ids and attention in this process and load --model here too",
+    )
+    pre.add_argument(
+        "--verify",
+        action="store_const",
+        const=True,
+        help="check every reply of the GPU host (Freivalds, a fresh secret vector per call) against this "
+        "client's own copy of --model; a failed check stops the run (exit 1)",
     )
     pre.add_argument(
         "--mix-block",
@@ -82,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--retries", dest="rpc_retries", type=int, metavar="N", help="resends over a fresh socket (default 2)"
     )
     add_curve_flags(pre)
+    add_shm_flag(pre)
     pre.add_argument(
         "--expect-fingerprint",
         dest="model_fingerprint",
@@ -101,6 +118,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     prefer_passive_openmp()  # before torch loads
+    keep_freed_memory()
     args = parse_args(argv)
 
     def prefill() -> int:
@@ -121,6 +139,7 @@ def main(argv=None) -> int:
 def diagnose_transport(argv=None) -> int:
     """The diagnose-transport command (tee_client.diagnose), with the same start as tee-client."""
     prefer_passive_openmp()  # before torch loads
+    keep_freed_memory()
     from tee_client.diagnose import main as diagnose
 
     return diagnose(argv)

@@ -1,9 +1,10 @@
-"""diagnose-transport: is it IPC? does a server answer? how slow is a call, and why?
+"""diagnose-transport: is it IPC? does a server answer? is shared memory on? how slow is a call, and why?
 
 Measures, at the endpoint: the socket file (ipc), who answers (model, protocol version), the
-round trip of an empty call and of Echo payloads through the service's own protocol; beside
-them, on this host, a raw pyzmq REQ/REP ping-pong on the same transport, the other transport
-for comparison, and memcpy bandwidth. Ends with plain findings. Exit 1 when nothing answers.
+round trip of an empty call and of Echo payloads through the service's own protocol, as ZeroMQ
+frames and (ipc, when both sides have it on) through shared memory; beside them, on this host,
+a raw pyzmq REQ/REP ping-pong on the same transport, the other transport for comparison, and
+memcpy bandwidth. Ends with plain findings. Exit 1 when nothing answers.
 """
 
 import argparse
@@ -67,6 +68,7 @@ def diagnose(settings: ClientSettings, timeout_s: float = 5.0, max_size: int = 6
         report["socket_file"] = socket_file(ep.path)
     sizes = [s for s in probe.SIZES if s <= max_size]
     report["server"], report["protocol"] = server_side(settings, timeout_s, sizes, report["findings"])
+    report["shm"], report["protocol_shm"] = shm_side(settings, timeout_s, sizes, report["server"])
     report["raw"] = raw_side(ep.transport, sizes)
     report["raw_other_transport"] = raw_side("tcp" if ep.transport == "ipc" else "ipc", [0, probe.MiB])
     report["memcpy"] = probe.memcpy_bandwidth(min(max(max_size, probe.MiB), 64 * probe.MiB))
@@ -85,11 +87,10 @@ def socket_file(path: str) -> dict:
 
 
 def server_side(settings: ClientSettings, timeout_s: float, sizes: list[int], notes: list[str]):
+    """Who answers, and Echo round trips through the protocol with every tensor as a ZeroMQ frame."""
     try:
-        with settings.rpc_client(timeout_s=timeout_s, retries=0) as rpc:
-            server = rpc.call("Ping")[0]
-            timed = [probe.summarize_calls(probe.time_protocol(rpc, s, probe.repetitions(s))) for s in sizes]
-            return server, [{"size": s, **t} for s, t in zip(sizes, timed, strict=True)]
+        with settings.rpc_client(timeout_s=timeout_s, retries=0, shm=False) as rpc:
+            return rpc.call("Ping")[0], time_sizes(rpc, sizes)
     except ServerUnavailable as e:
         notes.append(f"nothing answers: {e}")
     except VersionMismatch as e:
@@ -97,6 +98,34 @@ def server_side(settings: ClientSettings, timeout_s: float, sizes: list[int], no
     except TSQPError as e:
         notes.append(f"a server answers but the call failed: {type(e).__name__}: {e}")
     return None, []
+
+
+def time_sizes(rpc, sizes: list[int]) -> list[dict]:
+    timed = [probe.summarize_calls(probe.time_protocol(rpc, s, probe.repetitions(s))) for s in sizes]
+    return [{"size": s, **t} for s, t in zip(sizes, timed, strict=True)]
+
+
+def shm_side(settings: ClientSettings, timeout_s: float, sizes: list[int], server: dict | None):
+    """Whether tensors would cross through shared memory here ({"on", "why"}), and the same Echo round trips if so."""
+    if server is None:
+        return {"on": False, "why": "no server answered"}, []
+    if not settings.gpu_endpoint.startswith("ipc://"):
+        return {"on": False, "why": "tcp: another host cannot map this host's memory, tensors cross as frames"}, []
+    if not settings.shared_memory:
+        why = "CURVE is on: it encrypts frames, not memory" if settings.curve_secret_key else "off here (LLAMA_SHM=0)"
+        return {"on": False, "why": why}, []
+    if "shm" not in server:
+        return {"on": False, "why": "the server does not offer it (gpu-server --no-shm or LLAMA_SHM=0)"}, []
+    try:
+        with settings.rpc_client(timeout_s=timeout_s, retries=0, shm=True) as rpc:
+            rpc.call("Ping")  # learns the offer; a region is attached by the first call with a tensor
+            rows = time_sizes(rpc, sizes)
+            attached = rpc.region is not None or max(sizes, default=0) == 0
+    except TSQPError as e:
+        return {"on": False, "why": f"a call through shared memory failed: {type(e).__name__}: {e}"}, []
+    if not attached:
+        return {"on": False, "why": "the server offers it, but no region could be set up: frames are used"}, []
+    return {"on": True, "why": f"regions in {settings.shm_dir}, one per client", **server["shm"]}, rows
 
 
 def raw_side(transport: str, sizes: list[int]) -> dict:
@@ -142,6 +171,14 @@ def findings(r: dict) -> list[str]:
         )
         if empty["median_ms"] > 5:
             out.append("an empty call over 5 ms: the server is busy, far away, or the host is overloaded")
+    if r["protocol_shm"]:
+        framed, shared = r["protocol"][-1], r["protocol_shm"][-1]
+        out.append(
+            f"shared memory is on: {probe.human(shared['size'])} each way takes {shared['median_ms']:.2f} ms, "
+            f"{framed['median_ms'] / shared['median_ms']:.1f}x faster than as frames ({framed['median_ms']:.2f} ms)"
+        )
+    elif r["server"]:
+        out.append(f"shared memory is off: {r['shm']['why']}")
     return out
 
 
@@ -162,21 +199,27 @@ def render(r: dict) -> str:
             else "no answer"
         )
     )
+    lines.append(f"shm        {'on' if r['shm']['on'] else 'off'}: {r['shm']['why']}")
     raw = {row["size"]: row for row in r["raw"]["sizes"]}
+    shared = {row["size"]: row for row in r["protocol_shm"]}
     lines.append(
-        f"\n{'payload':>10} {'protocol p50 ms':>16} {'p99 ms':>9} {'GB/s':>7} {'serial. %':>10}"
-        f" {'raw ' + r['raw']['transport'] + ' p50 ms':>16} {'GB/s':>7}"
+        f"\n{'payload':>10} {'frames p50 ms':>14} {'p99 ms':>9} {'GB/s':>7} {'serial. %':>10}"
+        f" {'shm p50 ms':>11} {'GB/s':>7} {'raw ' + r['raw']['transport'] + ' p50 ms':>16} {'GB/s':>7}"
     )
     for row in r["protocol"] or [{"size": s} for s in raw]:
-        size, rw = row["size"], raw[row["size"]]
+        size, rw, sh = row["size"], raw[row["size"]], shared.get(row["size"])
         proto = (
-            f"{row['median_ms']:>16.3f} {row['p99_ms']:>9.3f} {probe.gbps(size, row['median_ms'] / 1e3):>7.2f}"
+            f"{row['median_ms']:>14.3f} {row['p99_ms']:>9.3f} {probe.gbps(size, row['median_ms'] / 1e3):>7.2f}"
             f" {row['serialization_pct']:>10.1f}"
             if "median_ms" in row
-            else f"{'-':>16} {'-':>9} {'-':>7} {'-':>10}"
+            else f"{'-':>14} {'-':>9} {'-':>7} {'-':>10}"
+        )
+        shm = (
+            f"{sh['median_ms']:>11.3f} {probe.gbps(size, sh['median_ms'] / 1e3):>7.2f}" if sh else f"{'-':>11} {'-':>7}"
         )
         lines.append(
-            f"{probe.human(size):>10} {proto} {rw['median_ms']:>16.3f} {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}"
+            f"{probe.human(size):>10} {proto} {shm} {rw['median_ms']:>16.3f}"
+            f" {probe.gbps(size, rw['median_ms'] / 1e3):>7.2f}"
         )
     m = r["memcpy"]
     lines.append(

@@ -30,34 +30,40 @@ class Llama:
         self.final_norm = spec.norms["norm"]
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Logits (B, S, vocab), float32, for right-padded ids at positions 0..S-1."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits: str = "all") -> Tensor:
+        """Logits, float32, for right-padded ids at positions 0..S-1: (B, S, vocab) at every position,
+        or with logits="last" (B, 1, vocab) at each row's last real token only: LMHead gets nothing else."""
         bsz, seqlen = input_ids.shape
-        rope = rope_tables(self.config, seqlen)
+        cos, sin = rope_tables(self.config, seqlen)
+        # the softmax scale goes into the queries' rotation (D numbers per position), not into the S x S scores
+        rope = (cos, sin, cos * self.scale, sin * self.scale)
         mask = additive_mask(attention_mask)
         x = self.ops.embedding(input_ids)
         for layer in range(self.n_layers):
             x = self.block(layer, x, rope, mask)
+        if logits == "last":
+            x = x[torch.arange(bsz), last_positions(attention_mask)].unsqueeze(1)
         return self.ops.lm_head(rms_norm(x, self.final_norm, self.eps))
 
-    def block(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+    def block(self, layer: int, x: Tensor, rope: tuple[Tensor, ...], mask: Tensor) -> Tensor:
         h = residual(x, self.attention(layer, rms_norm(x, self.attention_norms[layer], self.eps), rope, mask))
         return residual(h, self.feed_forward(layer, rms_norm(h, self.ffn_norms[layer], self.eps)))
 
-    def attention(self, layer: int, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+    def attention(self, layer: int, x: Tensor, rope: tuple[Tensor, ...], mask: Tensor) -> Tensor:
         bsz, seqlen, _ = x.shape
         # QKV
         q, k, v = self.ops.linear(layer, ("q_proj", "k_proj", "v_proj"), x)
         q = q.view(bsz, seqlen, self.n_kv_heads, self.n_rep, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
-        # RoPE
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # RoPE (q's tables carry the softmax scale)
+        cos, sin, cos_q, sin_q = rope
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         # grouped-query attention: each kv head serves n_rep query heads, broadcast on the
         # GPU side instead of copied, so K and V cross the wire once per kv head
         q, k, v = (t.permute(0, 2, 3, 1, 4) for t in (q, k, v))  # (B, Hkv, rep, S, D)
         scores = self.ops.matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, S)
-        probs = masked_softmax(scores, self.scale, mask)
+        probs = masked_softmax(scores, 1.0, mask)  # scaled already, through q
         out = self.ops.matmul(probs, v)  # (B, Hkv, rep, S, D)
         out = out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.ops.linear(layer, ("o_proj",), out)[0]
@@ -65,6 +71,11 @@ class Llama:
     def feed_forward(self, layer: int, x: Tensor) -> Tensor:
         gate, up = self.ops.linear(layer, ("gate_proj", "up_proj"), x)
         return self.ops.linear(layer, ("down_proj",), silu_mul(gate, up))[0]
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Each row's last real position (B,): rows are right-padded, their real tokens at 0..n-1."""
+    return attention_mask.sum(dim=1) - 1
 
 
 # ---- the trusted side's non-linear steps ---------------------------------------------------
@@ -83,8 +94,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @tee_op("softmax")
 def masked_softmax(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
-    """Consumes `scores` (scaled and masked in place: two fewer S x S buffers per layer)."""
-    return torch.softmax(scores.mul_(scale).add_(mask), dim=-1, dtype=torch.float32)
+    """Consumes `scores`: scaled, masked and normalised in place (no S x S buffer of its own), float32."""
+    if scale != 1.0:
+        scores.mul_(scale)
+    return torch.softmax(scores.add_(mask), dim=-1, out=scores)
 
 
 @tee_op("silu")

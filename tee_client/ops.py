@@ -25,6 +25,7 @@ from tsqp.spec import ModelSpec
 class Ops:
     wire_dtype: torch.dtype | None = None  # None until Init: nothing floating crosses before it
     fingerprint: str | None = None  # the model Init reported; every later request carries it
+    verifier = None  # --verify: a tee_client.verify.Verifier checks every reply, as it crossed
 
     def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
         raise NotImplementedError
@@ -32,17 +33,27 @@ class Ops:
     def close(self) -> None:
         pass
 
+    def transport(self) -> str | None:
+        """How tensors reach the linear ops: "shm" or "frames" (remote), None in-process; a wrapper asks its inner."""
+        inner = getattr(self, "inner", None)
+        return inner.transport() if inner is not None else None
+
     def prepare(self, rows: int) -> None:
         """The offline phase before a forward of `rows` tokens (a privacy mode draws its pads here)."""
 
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.send("Init", {}, []))
         self.wire_dtype, self.fingerprint = spec.dtype, spec.fingerprint
+        if self.verifier is not None:
+            self.verifier.expect(spec)
         return spec
 
     def call(self, method: str, args: dict, tensors: Sequence[Tensor]) -> list[Tensor]:
         sent = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
-        return [t.float() if t.is_floating_point() else t for t in self.send(method, args, sent)[1]]
+        received = self.send(method, args, sent)[1]
+        if self.verifier is not None:
+            self.verifier.timed_check(method, args, sent, received)
+        return [t.float() if t.is_floating_point() else t for t in received]
 
     # ---- the model's linear steps -------------------------------------------------------------
 
@@ -65,6 +76,9 @@ class RemoteOps(Ops):
 
     def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
         return self.rpc.call(method, args, tensors, fingerprint=self.fingerprint)
+
+    def transport(self) -> str:
+        return "shm" if self.rpc.region is not None else "frames"
 
     def close(self) -> None:
         self.rpc.close()
@@ -105,15 +119,17 @@ class LocalOps(Ops):
 def make_ops(settings) -> Ops:
     """The ops object for `settings.backend` and `settings.privacy` (a tee_client.settings.PrefillSettings).
 
-    tee-only ignores the privacy mode: nothing leaves the process. The others, in a privacy mode,
-    wrap their ops in PrivateOps, which loads the client's own copy of the model (on the CPU).
+    tee-only ignores the privacy mode and --verify: nothing leaves the process. The others, in a
+    privacy mode or with --verify, load the client's own copy of the model (on the CPU): PrivateOps
+    wraps their ops, and a Verifier checks every reply at the wire, masked or not.
     """
     from protocol.wire import TORCH_DTYPES
     from tsqp.checkpoint import load_checkpoint
 
     dtype = TORCH_DTYPES[settings.dtype]
     private = settings.privacy != "plain" and settings.backend != "tee-only"
-    own = load_checkpoint(settings.model_path, dtype, torch.device("cpu")) if private else None
+    verify = settings.verify and settings.backend != "tee-only"
+    own = load_checkpoint(settings.model_path, dtype, torch.device("cpu")) if private or verify else None
     if settings.backend == "remote":
         ops = RemoteOps(settings.rpc_client())
     else:
@@ -122,6 +138,11 @@ def make_ops(settings) -> Ops:
         device = torch.device("cpu") if settings.backend == "tee-only" else settings.device
         ckpt = own if own is not None and device.type == "cpu" else load_checkpoint(settings.model_path, dtype, device)
         ops = LocalOps(Engine(ckpt))
+    if verify:
+        from tee_client.verify import Verifier
+        from tsqp.engine import Engine
+
+        ops.verifier = Verifier(Engine(own))
     if not private:
         return ops
     from tee_client.privacy import PrivateOps

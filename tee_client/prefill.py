@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from protocol.errors import ModelMismatch, UsageError
-from tee_client.model import Llama
+from tee_client.model import Llama, last_positions
 from tee_client.ops import make_ops
 from tee_client.settings import PrefillSettings
 from tee_client.stats import Stats
@@ -102,13 +102,15 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         input_ids, attention_mask, lengths, full_lengths = encode_batch(
             spec.tokenizer, prompts, batch_size, settings.prefill_length
         )
+        keep = settings.logits_kept
         for _ in range(settings.warmup):
-            model.forward(input_ids, attention_mask)
+            model.forward(input_ids, attention_mask, keep)
             offline_ns = prepare(ops, rows)
         runs = []
         for _ in range(settings.repeat):
-            runs.append(timed_forward(model, input_ids, attention_mask, offline_ns))
+            runs.append(timed_forward(model, input_ids, attention_mask, offline_ns, keep))
             offline_ns = prepare(ops, rows)
+        transport = ops.transport()
     finally:
         ops.close()
     seconds = [r[0] for r in runs]
@@ -118,13 +120,17 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         "mode": "prefill",
         "backend": settings.backend,
         "endpoint": settings.gpu_endpoint if settings.backend == "remote" else None,
+        "transport": transport,
         "privacy": None if settings.backend == "tee-only" else settings.privacy,
+        "verify": settings.verify and settings.backend != "tee-only",
+        "verify_checks": stats.verify_checks,
         "model": spec.name,
         "fingerprint": spec.fingerprint,
         "dtype": str(spec.dtype).removeprefix("torch."),
         "batch_size": batch_size,
         "prefill_length": settings.prefill_length,
         "actual_lengths": lengths,
+        "logits": keep,
         "time_seconds": elapsed,
         "runs_seconds": seconds,
         "warmup_runs": settings.warmup,
@@ -151,20 +157,23 @@ def prepare(ops, rows: int) -> int:
     return time.perf_counter_ns() - t0
 
 
-def timed_forward(model: Llama, input_ids, attention_mask, offline_ns: int = 0):
+def timed_forward(model: Llama, input_ids, attention_mask, offline_ns: int = 0, keep: str = "all"):
     stats = Stats(offline_ns=offline_ns)
     with stats.recording():
         t0 = time.perf_counter_ns()
-        logits = model.forward(input_ids, attention_mask)
+        logits = model.forward(input_ids, attention_mask, keep)
         elapsed = (time.perf_counter_ns() - t0) / 1e9
     return elapsed, stats, logits
 
 
 def predictions(tokenizer, prompts, input_ids, logits, lengths, full_lengths) -> list[dict]:
-    """Per row: its prompt, the next token, and what was used of a prompt cut to --length."""
+    """Per row: its prompt, the next token, and what was used of a prompt cut to --length.
+
+    `logits` is (B, N, vocab), or (B, 1, vocab) holding each row's last real position only (--logits last).
+    """
     out = []
     for i, (prompt, n, full) in enumerate(zip(itertools.cycle(prompts), lengths, full_lengths)):
-        token_id = int(logits[i, n - 1].argmax())
+        token_id = int(logits[i, n - 1 if logits.shape[1] > 1 else 0].argmax())
         row = {"prompt": prompt, "next_token_id": token_id, "next_token": tokenizer.decode([token_id])}
         if n < full:
             row["truncated_to"] = tokenizer.decode(input_ids[i, :n], skip_special_tokens=True)
@@ -176,19 +185,22 @@ def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, att
     if settings.tee_result_path:
         Path(settings.tee_result_path).write_text(json.dumps(result, indent=2) + "\n")
     if settings.save_logits:
-        np.savez(
-            settings.save_logits,
-            logits=logits.float().numpy(),
-            input_ids=input_ids.numpy(),
-            attention_mask=attention_mask.numpy(),
+        # --logits last: [B, 1, vocab] under its own name, with the position each row came from
+        kept = (
+            {"logits": logits.float().numpy()}
+            if settings.logits_kept == "all"
+            else {"last_logits": logits.float().numpy(), "last_positions": last_positions(attention_mask).numpy()}
         )
+        np.savez(settings.save_logits, **kept, input_ids=input_ids.numpy(), attention_mask=attention_mask.numpy())
 
 
 def summary(result: dict) -> str:
     t, pct, data = result["timing"], result["timing_percentage"], result["data_transfer"]
     lines = [
-        f"prefill  backend={result['backend']}  model={result['model']} ({result['fingerprint'][:16]})  "
-        f"dtype={result['dtype']}" + (f"  endpoint={result['endpoint']}" if result["endpoint"] else ""),
+        f"prefill  backend={result['backend']}  privacy={result['privacy']}  "
+        f"model={result['model']} ({result['fingerprint'][:16]})  "
+        f"dtype={result['dtype']}"
+        + (f"  endpoint={result['endpoint']} ({result['transport']})" if result["endpoint"] else ""),
         f"  batch {result['batch_size']} x length {result['prefill_length']} (real tokens {result['actual_lengths']})",
         f"  time {result['time_seconds'] * 1000:.1f} ms (median of {len(result['runs_seconds'])}, "
         f"after {result['warmup_runs']} warm-up), {result['throughput_tokens_per_sec']:.1f} tokens/s",
@@ -197,6 +209,8 @@ def summary(result: dict) -> str:
         f"other {t['other_ms']:.1f} ms",
         f"  data to gpu {data['to_gpu_mb']:.1f} MB, to cpu {data['to_cpu_mb']:.1f} MB",
     ]
+    if result["verify"]:
+        lines.append(f"  verified: {result['verify_checks']} checks passed, {t['verify_ms']:.1f} ms")
     retries = sum(m["retries"] for m in result["rpc"].values())
     if retries:
         lines.append(

@@ -7,21 +7,45 @@ bounded number of times; then raise ServerUnavailable. For an ipc:// endpoint th
 also looks at the socket file between slices and before each resend: a missing or stale file
 means the server is gone, and it says so at once instead of waiting out its deadlines. Every
 method is a pure function of its inputs, so a resend (the same bytes again) is always safe.
+
+Over ipc:// (unless shared memory is off, or CURVE is on) the client maps a region it shares with
+the server (protocol.shm): tensors go into its request area instead of frames, and replies are
+copied out of its reply area into reused buffers before anyone sees them. The region is attached
+when a call first carries tensors, grown when a call needs more room, and dropped on close; if
+anything about it fails, calls go on as frames. Nothing else changes: the header is still the
+message, and the lockstep of REQ/REP says who owns the region when.
 """
 
+import sys
 import time
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import torch
 import zmq
+from pydantic import ValidationError
 from torch import Tensor
 
 from protocol.endpoints import Endpoint, probe_ipc
-from protocol.errors import BadRequest, ModelMismatch, ServerUnavailable, TooLarge, from_reply
-from protocol.messages import Reply
-from protocol.wire import PROTOCOL_VERSION, check_version, frame_bytes, pack, unpack_header, unpack_tensors
+from protocol.errors import BadRequest, ModelMismatch, RegionGone, ServerUnavailable, TooLarge, TSQPError, from_reply
+from protocol.messages import Reply, ShmOffer, ShmRegion
+from protocol.shm import MIN_AREA, Area, aligned, area_size, open_segment
+from protocol.wire import (
+    PROTOCOL_VERSION,
+    check_version,
+    frame_bytes,
+    pack,
+    recv_frames,
+    send_frames,
+    unpack_header,
+    unpack_tensors,
+)
 from tee_client.stats import Call, current
 
 SLICE_MS = 250  # how often a waiting ipc client looks at the socket file
+DETACH_MS = 200  # how long close() waits for the server to take back the shared-memory region
+MAX_REGIONS_LOST = 3  # a server that keeps dropping this client's region: frames from then on
 
 ABSENT = {
     "missing": "no socket file",
@@ -31,12 +55,35 @@ ABSENT = {
 
 
 class RpcClient:
-    def __init__(self, endpoint: str, timeout_s: float = 30.0, retries: int = 2, curve_keys: tuple | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float = 30.0,
+        retries: int = 2,
+        curve_keys: tuple | None = None,
+        shm: bool | None = None,
+        shm_dir: str | None = None,
+    ):
         self.endpoint = Endpoint.parse(endpoint)
         self.curve_keys = curve_keys  # (public, secret, server public): see protocol.security
         self.timeout_ms = max(1, round(timeout_s * 1000))
         self.retries = retries
         self.max_message_bytes: int | None = None  # the server's inbound cap, once its Init reply says it
+        # shared memory: wanted here (ipc, not turned off, no CURVE), offered there (Init or Ping), attached;
+        # None: as LLAMA_SHM and LLAMA_SHM_DIR say (tsqp.settings)
+        if shm is None or shm_dir is None:
+            from tsqp.settings import TransportSettings
+
+            defaults = TransportSettings(gpu_endpoint=endpoint)
+            shm = defaults.shm if shm is None else shm
+            shm_dir = shm_dir or defaults.shm_dir
+        self.shm_wanted = shm and self.endpoint.transport == "ipc" and curve_keys is None
+        self.shm_dir = shm_dir
+        self.shm_offer: ShmOffer | None = None
+        self.region: ClientRegion | None = None
+        self.reply_need = 0  # bytes of the largest reply that did not fit the reply area: grow it before the next call
+        self.regions_lost = 0  # regions the server no longer knew (dropped while idle, or restarted)
+        self.buffers = ReplyBuffers()
         self.next_id = 0
         self.socket = None
         self.fail_fast_if_absent()
@@ -47,21 +94,38 @@ class RpcClient:
         self, method: str, args: dict | None = None, tensors: Sequence[Tensor] = (), fingerprint: str | None = None
     ) -> tuple[dict, list[Tensor]]:
         """Send one request; return the reply's result and tensors, or raise the error it names."""
+        region = self.region_for(tensors) if self.shm_offer is not None and method not in SHM_METHODS else None
         t0 = time.perf_counter_ns()
         self.next_id += 1
         header = {"v": PROTOCOL_VERSION, "id": self.next_id, "method": method, "args": args or {}}
         if fingerprint:
             header["fingerprint"] = fingerprint
-        frames = pack(header, tensors)
+        if region is not None:
+            header["shm"] = region.name
+        frames = pack(header, tensors, region and region.request.reset())
         self.check_size(method, frames)
         t1 = time.perf_counter_ns()
         reply_frames, resends, waited_ns = self.exchange(method, frames)
         t2 = time.perf_counter_ns()
-        reply, out = self.decode(reply_frames)
+        try:
+            reply, out = self.decode(reply_frames, region)
+        except RegionGone:
+            if region is None:
+                raise
+            self.region = None  # the server dropped it (or restarted): attach afresh, or use frames, and resend
+            self.regions_lost += 1
+            if self.regions_lost > MAX_REGIONS_LOST:
+                self.shm_offer = None
+            return self.call(method, args, tensors, fingerprint)
         t3 = time.perf_counter_ns()
-        if method == "Init":
-            self.max_message_bytes = reply.result.get("max_message_bytes")
-        self.record(method, frames, reply_frames, reply, (t0, t1, t2, t3), resends, waited_ns)
+        if method in ("Init", "Ping"):
+            self.learn_limits(reply.result)
+            if method == "Init" and self.shm_offer is not None and self.region is None:
+                self.attach(MIN_AREA, MIN_AREA)  # set up with the model, not in the first forward; grown on demand
+        sent = len(frames[0]) + sum(t.nbytes for t in tensors)
+        self.record(
+            method, sent, len(reply_frames[0]) + sum(t.nbytes for t in out), reply, (t0, t1, t2, t3), resends, waited_ns
+        )
         return reply.result, out
 
     def exchange(self, method: str, frames: list) -> tuple[list, int, int]:
@@ -74,9 +138,9 @@ class RpcClient:
                 t_last = time.perf_counter_ns()
             else:
                 t_last = t_first
-            self.socket.send_multipart(frames, copy=False)
-            if self.wait_for_reply():
-                return self.socket.recv_multipart(copy=False), attempt, t_last - t_first
+            send_frames(self.socket, frames)
+            if (reply := self.receive()) is not None:
+                return reply, attempt, t_last - t_first
         tries = self.retries + 1
         hint = "; with CURVE on, check that this client's key is authorized" if self.curve_keys else ""
         raise ServerUnavailable(
@@ -84,15 +148,22 @@ class RpcClient:
             f"({tries} tr{'y' if tries == 1 else 'ies'} of {self.timeout_ms / 1000:g} s){hint}"
         )
 
-    def wait_for_reply(self) -> bool:
+    def receive(self) -> list | None:
+        """The reply's frames, waited for in slices (between them an ipc client looks at the socket file);
+        None at the deadline. A blocking recv with a timeout: no poll call on the way of every reply."""
         deadline = time.monotonic() + self.timeout_ms / 1000
         while (left_ms := (deadline - time.monotonic()) * 1000) > 0:
-            if self.socket.poll(min(SLICE_MS, max(1, int(left_ms))), zmq.POLLIN):
-                return True
-            self.fail_fast_if_absent()
-        return False
+            wait_ms = min(SLICE_MS, max(1, int(left_ms)))
+            if wait_ms != self.rcvtimeo:
+                self.socket.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self.rcvtimeo = wait_ms
+            try:
+                return recv_frames(self.socket)
+            except zmq.Again:
+                self.fail_fast_if_absent()
+        return None
 
-    def decode(self, frames: list) -> tuple[Reply, list[Tensor]]:
+    def decode(self, frames: list, region: "ClientRegion | None" = None) -> tuple[Reply, list[Tensor]]:
         header = unpack_header(frames[0])
         check_version(header)
         reply = Reply.model_validate(header)
@@ -103,7 +174,71 @@ class RpcClient:
             if isinstance(error, ModelMismatch):
                 raise ModelMismatch(f"the server at {self.endpoint.url} changed model mid-run: {error}")
             raise error
-        return reply, unpack_tensors(reply.tensors, frames[1:])
+        out = unpack_tensors(reply.tensors, frames[1:], region and region.reply)
+        if region is None:
+            return reply, out
+        framed = sum(s.nbytes for s in reply.tensors if s.shm is None)
+        if framed:  # did not fit the reply area: make it large enough before the next call
+            self.reply_need = max(self.reply_need, sum(aligned(s.nbytes) for s in reply.tensors))
+        # the server may write the reply area again later: copy out now, into reused memory
+        return reply, [t if s.shm is None else self.buffers.copy(t) for s, t in zip(reply.tensors, out, strict=True)]
+
+    # ---- shared memory (protocol.shm) ---------------------------------------------------------
+
+    def learn_limits(self, result: dict) -> None:
+        """What Init and Ping tell: the server's message cap, and whether it offers shared memory."""
+        self.max_message_bytes = result.get("max_message_bytes")
+        offer = result.get("shm")
+        if self.shm_wanted and offer is not None and self.shm_offer is None:
+            try:
+                self.shm_offer = ShmOffer.model_validate(offer)
+            except ValidationError:
+                self.shm_wanted = False  # a server we do not understand: frames
+
+    def region_for(self, tensors: Sequence[Tensor]) -> "ClientRegion | None":
+        """The region to use for this call: attached, or grown, when these tensors or the last reply need it."""
+        region = self.region
+        if region is None and not tensors:
+            return None  # nothing to place: do not set up shared memory for a bare call
+        offer = self.shm_offer
+        need = area_size(sum(aligned(t.nbytes) for t in tensors), offer.max_request_bytes)
+        want = area_size(self.reply_need, offer.max_reply_bytes)
+        if region is None or need > region.request.size or want > region.reply.size:
+            if region is not None:
+                need, want = max(need, region.request.size), max(want, region.reply.size)
+            region = self.attach(need, want)
+        return region
+
+    def attach(self, request_bytes: int, reply_bytes: int) -> "ClientRegion | None":
+        """A (new, larger) region from the server, mapped here; None, and frames from now on, if that fails."""
+        old, self.region = self.region, None
+        args = {"request_bytes": request_bytes, "reply_bytes": reply_bytes, "replaces": old and old.name}
+        try:
+            info = ShmRegion.model_validate(self.call("ShmAttach", args)[0]["shm"])
+            if info.request_bytes > request_bytes or info.reply_bytes > reply_bytes:
+                raise BadRequest("the server made a larger region than asked for")
+            segment = open_segment(self.shm_dir, info.name, info.request_bytes + info.reply_bytes)
+        except ServerUnavailable:
+            raise  # nothing answers: that is the user's error, not shared memory's
+        except (TSQPError, OSError, ValidationError, KeyError, TypeError):
+            self.shm_offer = None  # no error to the user: every call goes on as frames
+            return None
+        self.region = ClientRegion(info.name, *segment.areas(info.request_bytes))
+        return self.region
+
+    def detach(self) -> None:
+        """Hand the region back (best effort, DETACH_MS at most); it is unmapped here once unused."""
+        region, self.region = self.region, None
+        if region is None or (self.endpoint.transport == "ipc" and probe_ipc(self.endpoint.path) != "live"):
+            return
+        self.next_id += 1
+        header = {"v": PROTOCOL_VERSION, "id": self.next_id, "method": "ShmDetach", "args": {"name": region.name}}
+        try:
+            self.connect()  # the REQ socket may be waiting for a reply that never came
+            self.socket.send_multipart(pack(header))
+            self.socket.poll(DETACH_MS)  # delivered and done; the reply itself says nothing
+        except zmq.ZMQError:
+            pass
 
     def check_size(self, method: str, frames: list) -> None:
         """Refuse, before sending, a message the server would drop unread (its --max-message-mb)."""
@@ -115,7 +250,7 @@ class RpcClient:
                 "or a smaller --batch-size, or raise the server's limit"
             )
 
-    def record(self, method, frames, reply_frames, reply, times, resends: int, waited_ns: int) -> None:
+    def record(self, method, sent: int, received: int, reply, times, resends: int, waited_ns: int) -> None:
         stats = current()
         if stats is None:
             return
@@ -125,8 +260,8 @@ class RpcClient:
         stats.record(
             method,
             Call(
-                bytes_sent=frame_bytes(frames),
-                bytes_received=frame_bytes(reply_frames),
+                bytes_sent=sent,
+                bytes_received=received,
                 wall_ns=t3 - t0,
                 transfer_ns=t3 - t0 - ns(timing.compute_ms) - waited_ns,
                 compute_ns=ns(timing.compute_ms),
@@ -155,6 +290,7 @@ class RpcClient:
             self.socket.close(linger=0)
         self.socket = self.context.socket(zmq.REQ)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.rcvtimeo = -1  # zmq's default: block; set per wait (`receive`)
         if self.curve_keys:
             self.socket.curve_publickey, self.socket.curve_secretkey, self.socket.curve_serverkey = self.curve_keys
         self.socket.connect(self.endpoint.url)
@@ -162,6 +298,7 @@ class RpcClient:
     def close(self) -> None:
         """Drop anything unsent and wait until zmq lets go of the (zero-copy) request buffers."""
         if self.socket is not None:
+            self.detach()
             self.socket.close(linger=0)
             self.socket = None
             self.context.term()
@@ -171,3 +308,59 @@ class RpcClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+SHM_METHODS = ("ShmAttach", "ShmDetach")  # they set shared memory up: never sent through it
+
+
+@dataclass(eq=False)
+class ClientRegion:
+    name: str
+    request: Area  # this client writes
+    reply: Area  # the server writes; copied out of before use
+
+
+class ReplyBuffers:
+    """Where reply tensors are copied out of shared memory: reused memory, no fresh allocation per reply.
+
+    A buffer is handed out again only once nothing else holds it: no Python reference but the
+    pool's, no other tensor (a view) on its storage; so a reply never overwrites a tensor the model
+    still uses. Up to PER_SHAPE buffers are kept per dtype and shape; beyond that (or if this torch
+    cannot count storage users) a copy gets fresh memory.
+    """
+
+    PER_SHAPE = 4
+
+    def __init__(self):
+        self.pool: dict[tuple, list[Tensor]] = defaultdict(list)
+
+    def copy(self, src: Tensor) -> Tensor:
+        return self.take(src.dtype, src.shape).copy_(src)
+
+    def take(self, dtype: torch.dtype, shape) -> Tensor:
+        kept = self.pool[(dtype, tuple(shape))]
+        for buf in kept:  # as in _alone: the pool's list, this loop and the call hold it
+            if _ALONE is not None and _holders(buf) == _ALONE:
+                return buf
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            buf = torch.empty(shape, dtype=dtype)
+        if len(kept) < self.PER_SHAPE:
+            kept.append(buf)
+        return buf
+
+
+def _holders(t: Tensor) -> tuple[int, int]:
+    """(tensors on t's storage, Python references to t): both count this call's own."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata), sys.getrefcount(t)
+
+
+def _alone() -> tuple[int, int] | None:
+    """_holders of a pooled buffer nothing else holds, seen from where `take` looks (a list, a loop)."""
+    try:
+        for buf in [torch.empty(1)]:
+            return _holders(buf)
+    except (AttributeError, RuntimeError):  # no such private call in this torch: never reuse, always correct
+        return None
+
+
+_ALONE = _alone()

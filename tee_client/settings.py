@@ -17,7 +17,7 @@ class ClientSettings(TransportSettings):
     def curve_pair(self) -> "ClientSettings":
         return require_together(self, "curve_secret_key", "curve_server_key")
 
-    def rpc_client(self, timeout_s: float | None = None, retries: int | None = None):
+    def rpc_client(self, timeout_s: float | None = None, retries: int | None = None, shm: bool | None = None):
         from protocol.security import client_keys
         from tee_client.rpc import RpcClient
 
@@ -27,6 +27,8 @@ class ClientSettings(TransportSettings):
             self.rpc_timeout if timeout_s is None else timeout_s,
             self.rpc_retries if retries is None else retries,
             curve_keys=keys,
+            shm=self.shm if shm is None else shm,
+            shm_dir=self.shm_dir,
         )
 
 
@@ -37,6 +39,7 @@ Privacy = Literal["plain", "otp", "mix"]
 class PrefillSettings(ClientSettings, ModelSettings):
     backend: Backend = "remote"
     privacy: Privacy = "plain"
+    verify: bool = False
     mix_block: int = Field(16, ge=2, le=4096, description="tokens mixed together in the mix privacy mode")
     prefill_length: PositiveInt = 128
     tee_batch_size: PositiveInt | None = None  # default: one row per prompt
@@ -44,5 +47,11 @@ class PrefillSettings(ClientSettings, ModelSettings):
     prompt_path: str | None = None
     tee_result_path: str | None = None
     save_logits: str | None = None
+    logits: Literal["last", "all"] | None = None  # None: last, or all when save_logits asks for them
     warmup: int = Field(1, ge=0)
     repeat: PositiveInt = 1
+
+    @property
+    def logits_kept(self) -> str:
+        """Which logits LMHead is asked for: --logits, else all when --save-logits writes them, else last."""
+        return self.logits or ("all" if self.save_logits else "last")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SETUP = ("Init", "Ping")  # calls outside the forward: listed under rpc, not counted in timing
+SETUP = ("Init", "Ping", "ShmAttach", "ShmDetach")  # calls outside the forward: listed under rpc, not counted in timing
 
 _active: contextvars.ContextVar["Stats | None"] = contextvars.ContextVar("tsqp_stats", default=None)
 
@@ -77,7 +77,8 @@ class Stats:
     methods: dict[str, MethodStats] = field(default_factory=lambda: defaultdict(MethodStats))
     tee_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tee_counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    crypto_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # privacy modes: mask, unmask
+    crypto_ns: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # mask, unmask, verify
+    verify_checks: int = 0  # --verify: checks run (one per block of a row, see tee_client.verify)
     offline_ns: int = 0  # privacy modes: pads drawn before the forward, outside its time
 
     def record(self, method: str, call: Call) -> None:
@@ -99,16 +100,18 @@ class Stats:
             "transfer": sum(c.transfer_ns for c in forward) / 1e6,
             "gpu_compute": sum(c.compute_ns for c in forward) / 1e6,
             "tee_compute": sum(self.tee_ns.values()) / 1e6,
-            "crypto": sum(self.crypto_ns.values()) / 1e6,
+            "crypto": (self.crypto_ns["mask"] + self.crypto_ns["unmask"]) / 1e6,
+            "verify": self.crypto_ns["verify"] / 1e6,
             "retry_wait": sum(c.retry_wait_ns for c in forward) / 1e6,
         }
         parts["other"] = total_ns / 1e6 - sum(parts.values())
         timing = {
             "total_ms": total_ns / 1e6,
-            **{f"{k}_ms": v for k, v in parts.items() if k != "crypto"},
+            **{f"{k}_ms": v for k, v in parts.items() if k not in ("crypto", "verify")},
             "mask_ms": self.crypto_ns["mask"] / 1e6,
             "unmask_ms": self.crypto_ns["unmask"] / 1e6,
             "offline_ms": self.offline_ns / 1e6,  # outside total_ms: before the prompt was read
+            "verify_ms": parts["verify"],
         }
         to_gpu, to_cpu = sum(c.bytes_sent for c in forward), sum(c.bytes_received for c in forward)
         return {

@@ -4,6 +4,7 @@ prefer_passive_openmp()  # before torch loads, as every entry point does
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,9 +22,27 @@ from tee_client.cli import main as tee_client
 BIN = Path(sys.executable).parent  # the console scripts installed beside this interpreter
 
 # Hermetic: a developer's exported LLAMA_* settings (a model, a dtype, an endpoint) must not
-# leak into the tests or the servers they start. The conversion cache may stay.
-for _name in [n for n in os.environ if n.startswith("LLAMA_") and n != "LLAMA_CACHE_DIR"]:
+# leak into the tests or the servers they start. The conversion cache may stay, and so may
+# LLAMA_SHM: `LLAMA_SHM=0 pytest` runs every test with tensors as frames instead of shared memory.
+for _name in [n for n in os.environ if n.startswith("LLAMA_") and n not in ("LLAMA_CACHE_DIR", "LLAMA_SHM")]:
     del os.environ[_name]
+
+# Every server and client the tests start makes its shared-memory regions in one private folder
+# of this session (/dev/shm/tsqp-test-…), checked empty after each test: nothing may stay behind.
+SHM_DIR = Path(tempfile.mkdtemp(prefix="tsqp-test-", dir="/dev/shm"))
+os.environ["LLAMA_SHM_DIR"] = str(SHM_DIR)
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_shared_memory():
+    """After each test (and after its servers stopped): no region file left in the session's folder."""
+    yield
+    left = sorted(p.name for p in SHM_DIR.iterdir())
+    assert not left, f"shared memory left behind in {SHM_DIR}: {left}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SHM_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Hostile requests, shared by the in-process tests (test_handler.py) and the process tests.
 
 `MALFORMED` is a table of broken requests and the error type each must get; `mutated_request`
-is a hypothesis strategy that mutates valid requests (shapes, dtypes, frames, headers).
+is a hypothesis strategy that mutates valid requests (shapes, dtypes, frames, headers, and the
+shared-memory offsets and lengths of protocol.shm: given a region's name it aims inside it).
 """
 
 import msgpack
@@ -12,9 +13,11 @@ from protocol.wire import PROTOCOL_VERSION
 
 
 def request(method: str, args: dict | None = None, tensors=(), **header) -> list:
-    specs = [{"dtype": d, "shape": s} for d, s, _ in tensors]
+    """Frames of one request; each tensor is (dtype, shape, its bytes), or (dtype, shape, [offset, nbytes]):
+    in shared memory."""
+    specs = [{"dtype": d, "shape": s, **({"shm": b} if isinstance(b, list) else {})} for d, s, b in tensors]
     head = {"v": PROTOCOL_VERSION, "id": 7, "method": method, "args": args or {}, "tensors": specs, **header}
-    return [msgpack.packb(head), *(b for _, _, b in tensors)]
+    return [msgpack.packb(head), *(b for _, _, b in tensors if not isinstance(b, list))]
 
 
 def f32(*shape) -> tuple:
@@ -52,7 +55,28 @@ MALFORMED = {
         request("Matmul", {}, [("float32", [7000, 0], b""), ("float32", [0, 7000], b"")]),
         "TooLarge",
     ),
+    "shared memory, no region": (request("LMHead", {}, [("float32", [1, 64], [0, 256])]), "BadShape"),
+    "unknown region": (request("Ping", shm="tsqp-shm-" + "0" * 32), "RegionGone"),
+    "negative offset": (request("LMHead", {}, [("float32", [1, 64], [-64, 256])]), "BadShape"),
 }
+REGION_NAME = "tsqp-shm-" + "0" * 32  # placeholder, replaced by a real region's name in `shm_malformed`
+
+
+def shm_malformed(region: str, area: int) -> dict:
+    """Requests naming a real region (`area` bytes of request area) whose offsets or lengths lie; each gets BadShape."""
+    x = lambda at: request("LMHead", {}, [("float32", [1, 64], at)], shm=region)  # noqa: E731
+    return {
+        "offset past the area": (x([area, 256]), "BadShape"),
+        "ends past the area": (x([area - 192, 256]), "BadShape"),
+        "offset not aligned": (x([4, 256]), "BadShape"),
+        "length lies, short": (x([0, 128]), "BadShape"),
+        "length lies, long": (x([0, 512]), "BadShape"),
+        "offset 2**62": (x([2**62, 256]), "BadShape"),
+        "offset past int64": (x([2**64 - 64, 256]), "BadShape"),
+        "empty in shared memory": (request("Echo", {}, [("float32", [0, 4], [0, 0])], shm=region), "BadShape"),
+        "a frame too many": (request("Echo", {}, [("float32", [2], [0, 8])], shm=region) + [b"12345678"], "BadShape"),
+        "an ok control": (x([64, 256]), None),
+    }
 
 
 F32 = lambda *shape: (
@@ -73,8 +97,15 @@ dims = st.integers(min_value=-3, max_value=1 << 40)
 ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # what msgpack can carry
 
 
+offsets = st.one_of(
+    st.integers(min_value=-3, max_value=1 << 41),
+    st.sampled_from([0, 1, 63, 64, 1 << 20, (1 << 24) - 64, 1 << 24, 2**62, 2**64 - 1]),
+)
+SHM_MUTATIONS = ["shm_place", "shm_offset", "shm_length", "shm_region"]
+
+
 @st.composite
-def mutated_request(draw) -> list[bytes]:
+def mutated_request(draw, region: str | None = None) -> list[bytes]:
     method, args, tensors = draw(st.sampled_from(TEMPLATES))
     specs, frames = [dict(s) for s, _ in tensors], [b for _, b in tensors]
     header = {
@@ -98,6 +129,7 @@ def mutated_request(draw) -> list[bytes]:
                 "args",
                 "field",
                 "header_bytes",
+                *SHM_MUTATIONS,
             ]
         )
     )
@@ -125,6 +157,19 @@ def mutated_request(draw) -> list[bytes]:
         )
     elif mutation == "field":
         del header[draw(st.sampled_from(["v", "id", "method", "tensors"]))]
+    elif mutation in SHM_MUTATIONS:  # the tensors move into shared memory, one after another (64-byte aligned)
+        header["shm"] = region or draw(st.sampled_from([REGION_NAME, "../../etc/passwd", ""]))
+        offset = 0
+        for spec, frame in zip(specs, frames, strict=True):
+            spec["shm"] = [offset, len(frame)]
+            offset += -(-max(len(frame), 1) // 64) * 64
+        frames = [] if specs else frames
+        if mutation == "shm_offset" and specs:
+            specs[draw(st.integers(0, len(specs) - 1))]["shm"][0] = draw(offsets)
+        elif mutation == "shm_length" and specs:
+            specs[draw(st.integers(0, len(specs) - 1))]["shm"][1] = draw(offsets)
+        elif mutation == "shm_region":
+            header["shm"] = draw(st.one_of(st.text(max_size=70), ints, st.none(), st.just(REGION_NAME)))
     packed = msgpack.packb(header)
     if mutation == "header_bytes":
         packed = draw(st.one_of(st.binary(max_size=64), st.just(packed[: len(packed) // 2])))

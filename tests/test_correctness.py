@@ -72,3 +72,23 @@ def test_embedded_smollm2_predicts_like_transformers(start_server, tmp_path):
     assert result["predictions"][0]["next_token"] == " Paris"
     error = real_positions_max_error(out["logits"], reference, out["attention_mask"])
     assert error <= 1e-3, f"SmolLM2 max abs error {error:.2e}"
+
+
+@pytest.mark.parametrize("privacy", ["plain", "otp", "mix"])
+def test_logits_last_asks_lmhead_for_each_rows_last_position_only(privacy, checkpoints, start_server, tmp_path):
+    """--logits last with --save-logits: [B, 1, vocab] under its own key, equal to transformers at each row's
+    last real position, and LMHead received B rows only; in the privacy modes too (a pad's prefix serves)."""
+    folder = checkpoints("gqa")
+    server = start_server("--model", str(folder))
+    extra = ["--logits", "last"] + ([] if privacy == "plain" else ["--privacy", privacy, "--model", str(folder)])
+    result, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, 24, 3, *extra)
+    assert "logits" not in out and out["last_logits"].shape[:2] == (3, 1) and result["logits"] == "last"
+    lengths = out["attention_mask"].sum(1)
+    assert out["last_positions"].tolist() == (lengths - 1).tolist() == [n - 1 for n in result["actual_lengths"]]
+    reference = reference_logits(folder, out["input_ids"], out["attention_mask"])[np.arange(3), lengths - 1]
+    tolerance = {"plain": 1e-4, "otp": 5e-3, "mix": 1e-3}[privacy]
+    assert np.abs(out["last_logits"][:, 0] - reference).max() <= tolerance
+    assert [p["next_token_id"] for p in result["predictions"]] == reference.argmax(-1).tolist()
+    lm_head = result["rpc"]["LMHeadRing" if privacy == "otp" else "LMHead"]
+    vocab = out["last_logits"].shape[-1]
+    assert 3 * vocab * (8 if privacy == "otp" else 4) <= lm_head["bytes_received"] <= 3 * vocab * 8 + 400

@@ -1,8 +1,12 @@
 """The server's request handling in-process: Handler(Engine(...)) on a real tiny checkpoint, no socket.
 
 The same hostile table and fuzzer as the process tests (tests/hostile.py), in a fraction of
-the time, plus what only shows in-process: the method table is the one dispatch.
+the time, plus what only shows in-process: the method table is the one dispatch, and with
+shared memory on, offsets and lengths are checked against the region before anything is read.
 """
+
+from collections import Counter
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -11,8 +15,10 @@ import torch
 from hypothesis import given, settings
 
 from gpu_server.handler import Handler
-from hostile import MALFORMED, TEMPLATES, f32, mutated_request, request
-from protocol.messages import ITEMSIZE
+from gpu_server.regions import Regions
+from hostile import MALFORMED, TEMPLATES, f32, mutated_request, request, shm_malformed
+from protocol.messages import ITEMSIZE, TensorSpec
+from protocol.shm import ALIGN, open_segment
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
 from tsqp.methods import METHODS, dispatch
@@ -24,13 +30,35 @@ def handler(checkpoints):
     return Handler(Engine(ckpt), max_message_bytes=2**20)
 
 
-def reply_of(handler, frames) -> tuple[dict, list]:
+def reply_of(handler, frames, reply_area=None) -> tuple[dict, list]:
+    """The reply, checked: one frame of the right length per tensor not in shared memory, and every
+    tensor in shared memory aligned, of the right length, inside the reply area."""
     out = handler.handle(frames)
     header = msgpack.unpackb(out[0])
-    assert [len(memoryview(f)) for f in out[1:]] == [
-        int(np.prod(t["shape"])) * ITEMSIZE[t["dtype"]] for t in header.get("tensors", [])
-    ]
+    specs = header.get("tensors", [])
+    nbytes = lambda t: int(np.prod(t["shape"])) * ITEMSIZE[t["dtype"]]  # noqa: E731
+    assert [len(memoryview(f)) for f in out[1:]] == [nbytes(t) for t in specs if "shm" not in t]
+    for t in (t for t in specs if "shm" in t):
+        offset, length = t["shm"]
+        assert reply_area is not None and length == nbytes(t) > 0 and offset % ALIGN == 0
+        assert offset + length <= reply_area.size
     return header, out[1:]
+
+
+@pytest.fixture(scope="module")
+def shm(checkpoints, tmp_path_factory):
+    """A handler with shared memory on, and a region attached and mapped as a client does it."""
+    folder = tmp_path_factory.mktemp("regions")
+    ckpt = load_checkpoint(checkpoints("gqa"), torch.float32, torch.device("cpu"))
+    regions = Regions(str(folder), 2**20, 2**20, torch.device("cpu"))
+    handler = Handler(Engine(ckpt), max_message_bytes=2**20, regions=regions)
+    header, _ = reply_of(handler, request("ShmAttach", {"request_bytes": 2**20, "reply_bytes": 2**20}))
+    info = header["result"]["shm"]
+    segment = open_segment(str(folder), info["name"], info["request_bytes"] + info["reply_bytes"])
+    assert list(folder.iterdir()) == []  # unlinked as soon as both sides mapped it
+    request_area, reply_area = segment.areas(info["request_bytes"])
+    yield SimpleNamespace(handler=handler, name=info["name"], request=request_area, reply=reply_area)
+    regions.close()
 
 
 @pytest.mark.parametrize("name", list(MALFORMED))
@@ -63,9 +91,49 @@ def test_fuzzed_requests_always_get_a_well_formed_reply(handler):
             assert header["error"]["type"] and header["error"]["message"]
 
     given(mutated_request())(settings(max_examples=2000, deadline=None, derandomize=True)(send))()
-    assert counts["ok"] > 300 and counts["error"] > 1000, counts
+    assert counts["ok"] > 250 and counts["error"] > 1000, counts
     header, _ = reply_of(handler, request("Ping"))
     assert header["ok"]
+
+
+@pytest.mark.parametrize("name", list(shm_malformed("tsqp-shm-x", 2**20)))
+def test_shared_memory_offsets_and_lengths_are_checked_before_anything_is_read(shm, name):
+    frames, error_type = shm_malformed(shm.name, shm.request.size)[name]
+    header, _ = reply_of(shm.handler, frames, shm.reply)
+    if error_type is None:  # the control: the same request, honest, is answered
+        assert header["ok"], header
+    else:
+        assert header["ok"] is False and header["error"]["type"] == error_type, header
+
+
+def test_fuzzed_shared_memory_requests_stay_inside_the_region(shm):
+    """Offsets and lengths aimed at a real region: every reply is well formed and lies in the reply area,
+    no error is an internal one (every lie is caught by a check, not by torch), the server goes on."""
+    types = Counter()
+
+    def send(frames):
+        header, _ = reply_of(shm.handler, frames, shm.reply)
+        types["ok" if header["ok"] else header["error"]["type"]] += 1
+
+    given(mutated_request(region=shm.name))(settings(max_examples=2000, deadline=None, derandomize=True)(send))()
+    assert types["ok"] > 300 and types["BadShape"] > 300 and types["InternalError"] == 0, types
+    assert reply_of(shm.handler, request("Ping", shm=shm.name), shm.reply)[0]["ok"]
+
+
+def test_results_through_shared_memory_equal_frames_and_leave_the_request_area_alone(shm):
+    x = torch.randn(3, 64)
+    shm.request.bytes.fill_(0xA5)  # a canary around x: the server only ever writes the reply area
+    shm.request.bytes[: x.nbytes].view(torch.float32).view(3, 64).copy_(x)
+    args = {"layer": 1, "names": ["q_proj", "k_proj"]}
+    header, _ = reply_of(
+        shm.handler, request("Linear", args, [("float32", [3, 64], [0, x.nbytes])], shm=shm.name), shm.reply
+    )
+    placed = [shm.reply.view(TensorSpec.model_validate(t)).clone() for t in header["tensors"]]
+    framed, frames = reply_of(shm.handler, request("Linear", args, [("float32", [3, 64], x.numpy().tobytes())]))
+    assert [t["shape"] for t in header["tensors"]] == [t["shape"] for t in framed["tensors"]] == [[3, 64], [3, 32]]
+    for a, f in zip(placed, frames, strict=True):
+        assert torch.equal(a, torch.frombuffer(bytearray(f), dtype=torch.float32).view(a.shape))
+    assert bool((shm.request.bytes[x.nbytes :] == 0xA5).all())
 
 
 def test_init_and_ping_tell_the_message_limit(handler):

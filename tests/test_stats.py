@@ -2,6 +2,7 @@
 
 import pytest
 import json
+import os
 import socket
 import subprocess
 
@@ -9,6 +10,7 @@ from transformers import AutoConfig
 
 from conftest import BIN, run_prefill_cli
 from protocol.endpoints import free_tcp_port
+from protocol.wire import PROTOCOL_VERSION
 from tsqp.launch import ServerProcess
 
 pytestmark = pytest.mark.process  # every test here starts a gpu-server or another process
@@ -93,25 +95,34 @@ def test_stats_match_what_crossed(checkpoints, start_server, tmp_path):
 
 def diagnose(*args) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [BIN / "diagnose-transport", "--max-size-mb", "1", *args], capture_output=True, text=True, timeout=120
+        [BIN / "diagnose-transport", "--max-size-mb", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LLAMA_SHM": "1"},  # shared memory on, whatever the run forces
     )
 
 
 def test_diagnose_against_a_live_server(checkpoints, start_server):
-    server = start_server("--model", str(checkpoints("gqa")))
+    server = start_server("--model", str(checkpoints("gqa")), env={"LLAMA_SHM": "1"})
     run = diagnose("--endpoint", server.endpoint, "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["transport"] == "ipc" and report["socket_file"]["state"] == "live"
-    assert report["server"]["model"] == "gqa" and report["server"]["protocol"] == 1
+    assert report["server"]["model"] == "gqa" and report["server"]["protocol"] == PROTOCOL_VERSION
     assert [row["size"] for row in report["protocol"]] == [0, 1024, 4096, 16384, 65536, 262144, 1048576]
     assert all(row["median_ms"] > 0 and row["p99_ms"] >= row["median_ms"] for row in report["protocol"])
     assert report["memcpy"]["reused_gbps"] > 0
     assert any(f.startswith("An empty raw round trip takes") for f in report["findings"])
     assert any("the protocol adds" in f for f in report["findings"])
+    assert report["shm"]["on"] is True and report["shm"]["max_reply_bytes"] > 0
+    assert [row["size"] for row in report["protocol_shm"]] == [row["size"] for row in report["protocol"]]
+    assert all(row["median_ms"] > 0 for row in report["protocol_shm"])
+    assert any(f.startswith("shared memory is on: 1 MiB each way takes") for f in report["findings"])
 
     text = diagnose("--endpoint", server.endpoint)
     assert text.returncode == 0 and "findings" in text.stdout and "raw ipc p50 ms" in text.stdout
+    assert "shm        on" in text.stdout and "shm p50 ms" in text.stdout
 
 
 def test_diagnose_against_nothing(ipc_dir):
@@ -139,3 +150,5 @@ def test_diagnose_over_tcp_compares_with_ipc(checkpoints, ipc_dir):
     report = json.loads(run.stdout)
     assert report["transport"] == "tcp-loopback"
     assert any("over ipc" in f and "over tcp loopback" in f for f in report["findings"])
+    assert report["shm"]["on"] is False and report["protocol_shm"] == []
+    assert any(f.startswith("shared memory is off: tcp") for f in report["findings"])

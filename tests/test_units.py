@@ -155,3 +155,20 @@ def test_a_resend_is_counted_and_its_wait_is_not_transfer():
     assert call.retries == 1 and call.retry_wait_ns >= 0.3e9
     assert call.transfer_ns < call.wall_ns - call.retry_wait_ns + 1
     assert stats.summary(call.wall_ns)["timing"]["retry_wait_ms"] >= 300
+
+
+def test_logits_default_to_last_unless_saved(monkeypatch):
+    kept = lambda **given: PrefillSettings(**given).logits_kept  # noqa: E731
+    assert kept() == "last"
+    assert kept(save_logits="l.npz") == "all"  # saving them implies every position
+    assert kept(save_logits="l.npz", logits="last") == "last"  # unless asked for explicitly
+    monkeypatch.setenv("LLAMA_LOGITS", "all")
+    assert kept() == "all"
+
+
+def test_shared_memory_is_for_ipc_without_curve_only(monkeypatch):
+    assert ClientSettings(gpu_endpoint="ipc:///tmp/x.ipc").shared_memory
+    assert not ClientSettings(gpu_endpoint="tcp://127.0.0.1:5555").shared_memory
+    assert not ClientSettings(gpu_endpoint="ipc:///tmp/x.ipc", shm=False).shared_memory
+    monkeypatch.setenv("LLAMA_SHM", "0")
+    assert not ClientSettings(gpu_endpoint="ipc:///tmp/x.ipc").shared_memory

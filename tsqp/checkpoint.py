@@ -66,6 +66,9 @@ def cache_dir() -> Path:
 
 def load_checkpoint(path: str | os.PathLike | None, dtype: torch.dtype, device: torch.device) -> Checkpoint:
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a CLI's stderr is for its own one-line errors
 
     path = Path(path) if path else embedded_model_path()
     folder, digest = resolve_folder(path)
@@ -76,7 +79,8 @@ def load_checkpoint(path: str | os.PathLike | None, dtype: torch.dtype, device: 
     if config.model_type != "llama":
         raise CheckpointError(f"{path} is a {config.model_type!r} model; only Llama-architecture models are supported")
     try:
-        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        # inference only: no autograd graph behind any result (and results can be computed with out=)
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"cannot load {path}: {describe(e)}") from None

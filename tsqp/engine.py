@@ -6,9 +6,9 @@ checks its inputs against the model before it allocates.
 """
 
 import functools
+from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from protocol.errors import BadRequest, BadShape, TooLarge, UnknownModule
 from protocol.wire import DTYPE_NAMES, PROTOCOL_VERSION
@@ -34,6 +34,7 @@ class Engine:
         self.max_result_bytes = max_result_bytes
         self.itemsize = self.embed.element_size()
         self.fixed_weights: dict = {}  # (layer, name) or "lm_head" -> tsqp.ring.FixedWeight, for the otp mode
+        self.allocate = None  # (shape, dtype) -> Tensor | None: where results go instead of fresh memory (`results_in`)
 
     # ---- what the model is -------------------------------------------------------------------
 
@@ -51,17 +52,37 @@ class Engine:
             "dtype": DTYPE_NAMES[self.dtype],
         }
 
+    # ---- where results go ---------------------------------------------------------------------
+
+    @contextmanager
+    def results_in(self, allocate):
+        """Within: results are written where `allocate(shape, dtype)` says (gpu-server: the reply area of
+        a client's shared-memory region, on the CPU), or to fresh memory when it returns None."""
+        self.allocate = allocate if self.device.type == "cpu" else None
+        try:
+            yield
+        finally:
+            self.allocate = None
+
+    def new(self, shape: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An uninitialised result tensor, computed into with `out=` (the same kernels as without)."""
+        dtype = dtype or self.dtype
+        out = self.allocate(shape, dtype) if self.allocate is not None else None
+        return out if out is not None else torch.empty(shape, dtype=dtype, device=self.device)
+
     # ---- the linear ops ---------------------------------------------------------------------
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.dtype not in (torch.int64, torch.int32):
             raise BadShape(f"Embedding takes int64 or int32 token ids, got {ids.dtype}")
-        vocab = self.embed.shape[0]
-        self.check_result(ids.numel() * self.embed.shape[1])
+        vocab, hidden = self.embed.shape
+        self.check_result(ids.numel() * hidden)
         ids = ids.to(self.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise BadShape(f"token ids must lie in [0, {vocab})")
-        return F.embedding(ids, self.embed)
+        out = self.new([*ids.shape, hidden])
+        torch.index_select(self.embed, 0, ids.reshape(-1), out=out.view(-1, hidden))  # what F.embedding does
+        return out
 
     def linear(self, layer: int, names: list[str], x: torch.Tensor, bias: bool = True) -> list[torch.Tensor]:
         modules = [self.module(layer, name) for name in names]
@@ -69,7 +90,17 @@ class Engine:
             self.check_activation(x, m.in_features, f"layer {layer} {name}")
         self.check_result(x.numel() // max(x.shape[-1], 1) * sum(m.out_features for m in modules))
         x = x.to(self.device)
-        return [F.linear(x, m.weight, m.bias if bias else None) for m in modules]
+        return [self.affine(x, m.weight, m.bias if bias else None) for m in modules]
+
+    def affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """F.linear(x, weight, bias) into `new` memory: x flattened to rows, one addmm (or mm), as F.linear does."""
+        out = self.new([*x.shape[:-1], weight.shape[0]])
+        rows, flat = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+        if bias is None:
+            torch.mm(rows, weight.t(), out=flat)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=flat)
+        return out
 
     def linear_ring(self, layer: int, names: list[str], u: torch.Tensor, spec: RingSpec) -> list[torch.Tensor]:
         """u·Wqᵀ mod 2^k per module, exactly (the otp privacy mode; tsqp.ring): no bias, int64 out."""
@@ -117,13 +148,13 @@ class Engine:
                 f"({list(a.shape)} @ {list(b.shape)}); nothing in a Llama forward needs that"
             )
         a, b = a.to(self.device), b.to(self.device)
-        return a @ (b.transpose(-1, -2) if transpose_b else b)
+        return torch.matmul(a, b.transpose(-1, -2) if transpose_b else b, out=self.new([*batch, rows, cols]))
 
     def lm_head(self, x: torch.Tensor) -> torch.Tensor:
         vocab, hidden = self.lm_head_weight.shape
         self.check_activation(x, hidden, "LMHead")
         self.check_result(x.numel() // max(hidden, 1) * vocab)
-        return F.linear(x.to(self.device), self.lm_head_weight)
+        return self.affine(x.to(self.device), self.lm_head_weight, None)
 
     def synchronize(self) -> None:
         """Wait for the device, so a timer stopped now measures the work (CUDA runs async)."""

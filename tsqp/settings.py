@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol.endpoints import default_endpoint
+from protocol.endpoints import SHM_DIR, default_endpoint
 from protocol.errors import UsageError, describe
 
 DTypeName = Literal["float32", "bfloat16", "float16"]
@@ -56,10 +56,17 @@ class ModelSettings(LlamaSettings):
 
 
 class TransportSettings(LlamaSettings):
-    """Where the server listens, and this process's CURVE key: the same facts on both sides."""
+    """Where the server listens, this process's CURVE key, shared memory: the same facts on both sides."""
 
     gpu_endpoint: str = Field(default_factory=default_endpoint)
     curve_secret_key: str | None = Field(None, description="this process's .key_secret file: turns CURVE on")
+    shm: bool = Field(True, description="tensors through shared memory over ipc:// (protocol.shm); off: frames")
+    shm_dir: str = Field(SHM_DIR, description="where shared-memory regions are created and opened")
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether this side uses shared memory: asked for, on an ipc endpoint, without CURVE (it encrypts frames)."""
+        return self.shm and self.gpu_endpoint.startswith("ipc://") and self.curve_secret_key is None
 
 
 def require_together(settings: LlamaSettings, *fields: str) -> LlamaSettings:

@@ -1,0 +1,142 @@
+"""The cost of --verify: the split prefill with and without its checks, on the embedded model.
+
+One gpu-server over ipc; for each length, the same ids through four ops objects built exactly
+as tee-client builds them (plain, plain + verify, otp, otp + verify). After --warmup untimed
+forwards each, --runs rounds visit all four in turn, so drift hits all alike; each point is a
+median, and the overhead is the ratio of medians measured in the same rounds.
+"""
+
+import argparse
+import sys
+import tempfile
+from contextlib import ExitStack
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from benchmarks.common import finish, markdown_table, write_json  # noqa: E402
+from tee_client.model import Llama  # noqa: E402
+from tee_client.ops import make_ops  # noqa: E402
+from tee_client.prefill import encode_batch, prepare, timed_forward  # noqa: E402
+from tee_client.settings import PrefillSettings  # noqa: E402
+from tsqp.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
+from tsqp.launch import ServerProcess  # noqa: E402
+
+PROMPT = "The capital of France is Paris. " * 200  # fills every length: no padding
+VARIANTS = {
+    "plain": ("plain", False),
+    "plain+verify": ("plain", True),
+    "otp": ("otp", False),
+    "otp+verify": ("otp", True),
+}
+
+
+def measure(args) -> dict:
+    points = []
+    with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp, ExitStack() as stack:
+        endpoint = f"ipc://{tmp}/s.ipc"
+        stack.enter_context(ServerProcess(endpoint, "--model", str(embedded_model_path()), "--device", "cpu"))
+        models = {}
+        for name, (privacy, verify) in VARIANTS.items():
+            settings = PrefillSettings(
+                gpu_endpoint=endpoint,
+                model_path=str(embedded_model_path()),
+                privacy=privacy,
+                verify=verify,
+                rpc_timeout=600,
+            )
+            ops = make_ops(settings)
+            stack.callback(ops.close)
+            models[name] = (Llama(ops.init(), ops), ops)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
+        for length in args.lengths:
+            ids, mask, *_ = encode_batch(tokenizer, [PROMPT], 1, length)
+            for model, ops in models.values():
+                for _ in range(args.warmup):
+                    ops.prepare(ids.numel())
+                    model.forward(ids, mask)
+            runs = {name: [] for name in models}
+            for _ in range(args.runs):  # interleaved
+                for name, (model, ops) in models.items():
+                    offline = prepare(ops, ids.numel())
+                    runs[name].append(timed_forward(model, ids, mask, offline))
+            points.append({"length": length, "variants": summarize(runs)})
+            print(
+                f"  length {length}: "
+                + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in points[-1]["variants"].items())
+            )
+    return {"warmup": args.warmup, "runs": args.runs, "points": points}
+
+
+def summarize(runs: dict) -> dict:
+    out = {}
+    for name, timed in runs.items():
+        ms = [t * 1e3 for t, _, _ in timed]
+        median_s, stats, _ = sorted(timed, key=lambda r: r[0])[len(timed) // 2]
+        summary = stats.summary(int(median_s * 1e9))
+        out[name] = {
+            "median_ms": float(np.median(ms)),
+            "runs_ms": ms,
+            "verify_ms": summary["timing"]["verify_ms"],
+            "checks": stats.verify_checks,
+        }
+    for base in ("plain", "otp"):
+        for name in (base, f"{base}+verify"):
+            out[name]["vs_unverified"] = out[name]["median_ms"] / out[base]["median_ms"]
+    return out
+
+
+def plot(data: dict):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(VARIANTS)
+    width = 0.8 / len(data["points"])
+    for i, p in enumerate(data["points"]):
+        ax.bar(
+            np.arange(len(names)) + i * width,
+            [p["variants"][n]["median_ms"] for n in names],
+            width,
+            label=f"{p['length']} tokens",
+        )
+    ax.set_xticks(np.arange(len(names)) + width * (len(data["points"]) - 1) / 2, names)
+    ax.set(ylabel="median prefill ms", yscale="log", title="--verify overhead (SmolLM2-135M, ipc)")
+    ax.legend()
+    return fig
+
+
+def table(data: dict) -> str:
+    rows = []
+    for p in data["points"]:
+        for name, v in p["variants"].items():
+            rows.append(
+                [
+                    p["length"],
+                    name,
+                    f"{v['median_ms']:.0f}",
+                    f"{np.percentile(v['runs_ms'], 25):.0f}-{np.percentile(v['runs_ms'], 75):.0f}",
+                    f"{v['verify_ms']:.0f}",
+                    v["checks"],
+                    f"{(v['vs_unverified'] - 1) * 100:+.1f}%",
+                ]
+            )
+    header = ["length", "mode", "median ms", "IQR ms", "verify ms", "checks", "vs same mode unverified"]
+    return markdown_table(header, rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    args = p.parse_args(argv)
+    data = measure(args)
+    write_json("verify", data)
+    finish("verify", plot(data), table(data), f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

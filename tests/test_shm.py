@@ -1,0 +1,254 @@
+"""Shared memory for ipc:// (protocol.shm): private regions, nothing left behind, the same logits as frames.
+
+The fast tier checks the pieces in-process (segments, areas, reused reply buffers); the process
+tier runs real servers and clients: prefill both ways against transformers, kill -9 of either
+side, two clients, payloads past the region, a restarted server. conftest points every process
+at one private folder (LLAMA_SHM_DIR) and checks it is empty after every test.
+"""
+
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BIN, SHM_DIR, reference_logits, run_prefill_cli
+from protocol.endpoints import free_tcp_port
+from protocol.errors import BadRequest, BadShape
+from protocol.messages import TensorSpec
+from protocol.shm import ALIGN, MIN_AREA, NAME_RE, SEGMENT_PREFIX, create_segment, open_segment
+from tee_client.rpc import ReplyBuffers, RpcClient
+from tsqp.launch import ServerProcess
+
+PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys and values"]
+MiB = 1 << 20
+
+
+# ---- in-process: the pieces ---------------------------------------------------------------
+
+
+def test_a_region_is_private_unguessable_and_gone_once_both_sides_mapped_it():
+    server = create_segment(str(SHM_DIR), 2 * MiB)
+    assert NAME_RE.fullmatch(server.name) and "tsqp" in server.name
+    st = os.stat(server.path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid() and st.st_size == 2 * MiB
+    client = open_segment(str(SHM_DIR), server.name, 2 * MiB)
+    assert list(SHM_DIR.iterdir()) == []  # the client unlinked it once mapped
+    server.unlink()  # the server's own unlink finds nothing to remove, and removes nothing else
+    client.memory[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    assert server.memory[:4].tolist() == [1, 2, 3, 4]  # one memory, two mappings
+
+
+def test_the_client_opens_nothing_but_a_private_region_of_the_size_it_was_told(tmp_path):
+    region = create_segment(str(SHM_DIR), MiB)
+    try:
+        with pytest.raises(BadRequest, match="not one this client accepts"):
+            open_segment(str(SHM_DIR), "../" + region.name, MiB)
+        with pytest.raises(BadRequest, match=f"{MiB} bytes, not {2 * MiB}"):
+            open_segment(str(SHM_DIR), region.name, 2 * MiB)
+        os.chmod(region.path, 0o644)
+        with pytest.raises(BadRequest, match="mode 0o644"):
+            open_segment(str(SHM_DIR), region.name, MiB)
+        os.chmod(region.path, 0o600)
+        assert open_segment(str(SHM_DIR), region.name, MiB).size == MiB  # the control: as it should be, mapped
+    finally:
+        region.unlink()
+    target = tmp_path / "secret"
+    target.write_bytes(bytes(MiB))
+    target.chmod(0o600)
+    link = SHM_DIR / (SEGMENT_PREFIX + "f" * 32)
+    link.symlink_to(target)
+    try:
+        with pytest.raises(OSError):  # O_NOFOLLOW: a symlink planted under a region's name is never followed
+            open_segment(str(SHM_DIR), link.name, MiB)
+    finally:
+        link.unlink()
+
+
+def test_areas_place_tensors_aligned_and_views_check_every_offset():
+    segment = create_segment(str(SHM_DIR), 2 * MiB)
+    segment.unlink()
+    request, reply = segment.areas(MiB)
+    tensors = [torch.randn(3, 5), torch.arange(7), torch.randn(4).to(torch.bfloat16), torch.randn(2, 3)[:, 1:]]
+    placed = [request.place(t) for t in tensors]
+    assert all(offset % ALIGN == 0 for offset, _ in placed)
+    for t, at in zip(tensors, placed, strict=True):
+        spec = TensorSpec(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), shm=at)
+        assert torch.equal(request.view(spec), t)
+    result = reply.take([8, 8], torch.float32)
+    assert reply.holds(result) and reply.place(result) == [0, 256]  # a result written in place is not copied
+    assert request.place(torch.zeros(MiB // 4 + 1)) is None  # does not fit: it crosses as a frame
+    for lie in ([MiB, 4], [MiB - 64, 128], [1, 4], [0, 8]):
+        with pytest.raises(BadShape):
+            request.view(TensorSpec(dtype="float32", shape=[1], shm=lie))
+
+
+def test_a_mapping_outlives_its_segment_while_a_tensor_views_it():
+    segment = create_segment(str(SHM_DIR), MiB)
+    segment.unlink()
+    view = segment.memory[100:200]
+    view.fill_(7)
+    del segment
+    assert int(view.sum()) == 700  # still mapped: unmapped only with the last view
+
+
+def test_reply_buffers_are_reused_only_once_nothing_holds_them():
+    buffers, src = ReplyBuffers(), torch.randn(4, 6)
+    with torch.inference_mode():
+        a, b = buffers.copy(src), buffers.copy(src)
+        assert a.data_ptr() != b.data_ptr()
+        kept_a = a.data_ptr()
+        del a
+        c = buffers.copy(src)
+        assert c.data_ptr() == kept_a  # reused: no fresh allocation
+        view = c.view(24)
+        del c
+        assert buffers.copy(src).data_ptr() != kept_a  # a view still holds it: not overwritten
+        assert torch.equal(view.view(4, 6), src)
+
+
+# ---- real processes -------------------------------------------------------------------------
+
+
+def max_error(out: dict, reference: np.ndarray) -> float:
+    real = out["attention_mask"].astype(bool)
+    return float(np.abs(out["logits"][real] - reference[real]).max())
+
+
+@pytest.mark.process
+def test_prefill_through_shared_memory_and_as_frames_give_transformers_logits(
+    checkpoints, start_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LLAMA_SHM", "1")  # this test is about both paths, whatever the run forces
+    folder = checkpoints("mqa-tied-bias")
+    server = start_server("--model", str(folder), "--log-level", "DEBUG", env={"LLAMA_SHM": "1"})
+    logits = {}
+    for transport, extra in (("shm", []), ("frames", ["--no-shm"])):
+        (tmp_path / transport).mkdir()
+        result, out = run_prefill_cli(server.endpoint, tmp_path / transport, PROMPTS, 40, 2, *extra)
+        assert result["transport"] == transport
+        assert max_error(out, reference_logits(folder, out["input_ids"], out["attention_mask"])) <= 1e-4
+        logits[transport] = out["logits"]
+    assert np.abs(logits["shm"] - logits["frames"]).max() <= 1e-6
+    assert "shared-memory region" in server.log and "dropped (detached)" in server.log
+
+
+@pytest.mark.process
+def test_a_server_without_shared_memory_and_a_tcp_server_serve_frames(checkpoints, start_server):
+    folder, x = checkpoints("gqa"), torch.randn(3, MiB)
+    off = start_server("--model", str(folder), "--no-shm")
+    with ServerProcess(f"tcp://127.0.0.1:{free_tcp_port()}", "--device", "cpu", "--model", str(folder)) as tcp:
+        for server in (off, tcp):
+            with RpcClient(server.endpoint, timeout_s=10, shm=True) as rpc:
+                assert "shm" not in rpc.call("Ping")[0]  # not offered: frames, no error
+                assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x) and rpc.region is None
+
+
+def start_client(endpoint: str, out, *extra: str) -> subprocess.Popen:
+    argv = ["prefill", "--endpoint", endpoint, "--length", "32", "--batch-size", "2", "--warmup", "0"]
+    argv += ["--repeat", "400", "--save-logits", str(out / "l.npz"), *extra]
+    return subprocess.Popen(
+        [BIN / "tee-client", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_served(endpoint: str, calls: int) -> None:
+    with RpcClient(endpoint, timeout_s=5, shm=False) as rpc:
+        deadline = time.monotonic() + 60
+        while rpc.call("Ping")[0]["served"] < calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@pytest.mark.process
+def test_kill_9_of_the_server_leaves_nothing_behind(checkpoints, start_server, tmp_path):
+    server = start_server("--model", str(checkpoints("gqa")))
+    client = start_client(server.endpoint, tmp_path)
+    wait_until_served(server.endpoint, 50)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1 and "nothing listening" in err and len(err.strip().splitlines()) == 1, err
+    assert list(SHM_DIR.iterdir()) == []
+
+
+@pytest.mark.process
+def test_kill_9_of_a_client_leaves_nothing_behind_and_the_server_serves_on(checkpoints, start_server, tmp_path):
+    server = start_server("--model", str(checkpoints("gqa")))
+    client = start_client(server.endpoint, tmp_path)
+    wait_until_served(server.endpoint, 50)
+    assert list(SHM_DIR.iterdir()) == []  # mapped by both: already unlinked, while in use
+    os.kill(client.pid, signal.SIGKILL)
+    client.communicate(timeout=60)
+    with RpcClient(server.endpoint, timeout_s=10, shm=True) as rpc:  # the next client: a region of its own
+        rpc.call("Ping")
+        x = torch.randn(5, 64)
+        assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x) and rpc.region is not None
+    assert list(SHM_DIR.iterdir()) == []
+
+
+@pytest.mark.process
+def test_two_clients_get_their_own_regions(checkpoints, start_server):
+    server = start_server("--model", str(checkpoints("gqa")))
+    a, b = (RpcClient(server.endpoint, timeout_s=10, shm=True) for _ in range(2))
+    with a, b:
+        for rpc in (a, b):
+            rpc.call("Ping")
+        for i in range(20):  # interleaved: each writes its own request area, reads its own reply area
+            xa, xb = torch.full((MiB,), float(i)), torch.full((MiB,), float(-i))
+            assert torch.equal(a.call("Echo", {}, [xa])[1][0], xa)
+            assert torch.equal(b.call("Echo", {}, [xb])[1][0], xb)
+        assert a.region is not None and b.region is not None and a.region.name != b.region.name
+
+
+@pytest.mark.process
+def test_payloads_past_the_region_grow_it_or_cross_as_frames(checkpoints, start_server):
+    server = start_server("--model", str(checkpoints("gqa")), "--max-message-mb", "64", "--max-result-mb", "4")
+    with RpcClient(server.endpoint, timeout_s=30, shm=True) as rpc:
+        rpc.call("Ping")
+        for size in (1024, 8 * MiB, 40 * MiB, 40 * MiB):
+            x = torch.randn(size // 4)
+            assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)  # no error, whatever fits where
+        assert rpc.region.request.size == 64 * MiB  # grown to the server's cap for requests
+        assert rpc.region.reply.size == 4 * MiB  # capped by --max-result-mb: larger replies came as frames
+    big = start_server("--model", str(checkpoints("gqa")), name="big.ipc")
+    with RpcClient(big.endpoint, timeout_s=30, shm=True) as rpc:
+        rpc.call("Ping")
+        x = torch.randn(40 * MiB // 4)
+        for _ in range(2):  # the first reply does not fit the first reply area: frames, then a larger region
+            assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)
+        assert rpc.region.reply.size >= 40 * MiB and rpc.region.request.size >= 40 * MiB > MIN_AREA
+
+
+@pytest.mark.process
+def test_a_restarted_server_gets_a_new_region_without_an_error(checkpoints, start_server):
+    first = start_server("--model", str(checkpoints("gqa")))
+    with RpcClient(first.endpoint, timeout_s=10, shm=True) as rpc:
+        rpc.call("Ping")
+        x = torch.randn(4096)
+        assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)
+        old = rpc.region.name
+        first.stop()
+        with ServerProcess(first.endpoint, "--device", "cpu", "--model", str(checkpoints("gqa"))):
+            assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)  # RegionGone, attach afresh, resend
+            assert rpc.region is not None and rpc.region.name != old
+
+
+@pytest.mark.process
+def test_back_to_back_calls_lose_no_reply(checkpoints, start_server):
+    """Round trips fast enough to outrun zmq's bookkeeping of the server's reply pipe (high-water mark 2):
+    no reply may be dropped, through shared memory or as frames (no resends: a lost reply fails the test)."""
+    server = start_server("--model", str(checkpoints("gqa")))
+    for shm in (True, False):
+        with RpcClient(server.endpoint, timeout_s=5, retries=0, shm=shm) as rpc:
+            rpc.call("Ping")
+            x = torch.randn(16384)
+            for i in range(2000):
+                back = rpc.call("Echo", {}, [x] if i % 2 else [])[1]
+                assert len(back) == i % 2
+            assert (rpc.region is not None) is shm

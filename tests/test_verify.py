@@ -1,0 +1,97 @@
+"""--verify catches a lying GPU host: a real gpu-server with a fault switched on, for tests only."""
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import BIN, run_prefill_cli
+from tee_client.cli import main as tee_client
+
+pytestmark = pytest.mark.process  # every test here starts a gpu-server
+
+PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys and values"]
+TESTING = {"TSQP_TESTING": "1"}
+
+
+def lying_server(start_server, folder, fault: str, name: str):
+    return start_server("--model", str(folder), "--inject-fault", fault, env=TESTING, name=name)
+
+
+def prefill(endpoint: str, folder, out, *extra: str) -> int:
+    args = ["prefill", "--endpoint", endpoint, "--model", str(folder), "--length", "24", "--warmup", "0"]
+    args += ["--output", str(out / "r.json"), "--save-logits", str(out / "l.npz"), *extra]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    return tee_client(args)
+
+
+@pytest.mark.parametrize(
+    "privacy, fault, named",
+    [
+        ("plain", "Linear:5", "Linear layer 1 q_proj"),
+        ("plain", "Matmul:3", "Matmul"),
+        ("plain", "LMHead:1", "LMHead"),
+        ("plain", "Embedding:1", "Embedding"),
+        ("otp", "LinearRing:6", "LinearRing layer 1 o_proj"),
+        ("otp", "LMHeadRing:1", "LMHeadRing"),
+        ("mix", "Linear:2", "Linear layer 0 o_proj"),
+    ],
+)
+def test_a_wrong_reply_is_caught_every_time_with_verify_and_changes_logits_without(
+    privacy, fault, named, checkpoints, start_server, tmp_path, capsys
+):
+    folder = checkpoints("mqa-tied-bias")
+    honest = start_server("--model", str(folder), name="honest.ipc")
+    (tmp_path / "honest").mkdir(), (tmp_path / "fooled").mkdir(), (tmp_path / "caught").mkdir()
+    assert prefill(honest.endpoint, folder, tmp_path / "honest", "--privacy", privacy) == 0
+    liar = lying_server(start_server, folder, fault, "liar.ipc")
+    assert prefill(liar.endpoint, folder, tmp_path / "fooled", "--privacy", privacy) == 0
+    good, bad = np.load(tmp_path / "honest" / "l.npz"), np.load(tmp_path / "fooled" / "l.npz")
+    assert np.abs(good["logits"] - bad["logits"]).max() > 1e-3, "the fault did not change the logits"
+
+    liar = lying_server(start_server, folder, fault, "fresh-liar.ipc")  # its fault counter starts again
+    capsys.readouterr()
+    assert prefill(liar.endpoint, folder, tmp_path / "caught", "--privacy", privacy, "--verify") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tee-client: error: ") and named in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and ("fails" in err or "differ" in err), err
+    assert not (tmp_path / "caught" / "r.json").exists() and not (tmp_path / "caught" / "l.npz").exists()
+
+
+@pytest.mark.parametrize("privacy", ["plain", "otp", "mix"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_honest_servers_pass_and_verify_changes_no_logit(privacy, dtype, checkpoints, start_server, tmp_path):
+    folder = checkpoints("gqa")
+    server = start_server("--model", str(folder), "--dtype", dtype)
+    runs = {}
+    for verify in (False, True):
+        out = tmp_path / str(verify)
+        out.mkdir()
+        extra = ["--privacy", privacy, "--model", str(folder), "--dtype", dtype] + (["--verify"] if verify else [])
+        result, logits = run_prefill_cli(server.endpoint, out, PROMPTS, 32, 2, *extra)
+        runs[verify] = result, logits
+    result = runs[True][0]
+    assert result["verify"] is True and result["verify_checks"] > 0 and result["timing"]["verify_ms"] > 0
+    assert runs[False][0]["verify"] is False and runs[False][0]["verify_checks"] == 0
+    if privacy != "mix":  # mix draws fresh matrices each run: its float rounding differs run to run
+        assert np.array_equal(runs[True][1]["logits"], runs[False][1]["logits"])
+
+
+def test_smollm2_at_512_tokens_passes_verify_on_float32_and_bfloat16(start_server, tmp_path):
+    prompt = " ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 40)
+    for dtype in ("float32", "bfloat16"):
+        server = start_server("--dtype", dtype, name=f"{dtype}.ipc")
+        (tmp_path / dtype).mkdir()
+        result, _ = run_prefill_cli(server.endpoint, tmp_path / dtype, [prompt], 512, 1, "--verify", "--dtype", dtype)
+        assert result["verify_checks"] > 10**6
+
+
+def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
+    run = subprocess.run(
+        [BIN / "gpu-server", "--endpoint", f"ipc://{ipc_dir}/f.ipc", "--inject-fault", "Linear:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1 and "TSQP_TESTING=1" in run.stderr and "Traceback" not in run.stderr
