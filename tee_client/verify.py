@@ -174,13 +174,14 @@ class Verifier:
         got, spread = block_sums_and_norms(y, r) if dtype in HALF else (block_sums(y, r), bound)
         sigma = 2 * accumulate + UNIT_ROUNDOFF[dtype] / math.sqrt(3) * spread
         self.checks += got.numel()
-        excess = (got - expected).abs() - SIGMAS * sigma - 1e-30
-        if (excess > 0).any():
-            gap = (got - expected).abs()
+        gap = (got - expected).abs()
+        fails = ~(gap <= SIGMAS * sigma + 1e-30)  # NaN and inf fail too: a reply cannot hide behind them
+        if fails.any():
+            excess = torch.where(fails, (gap - SIGMAS * sigma).nan_to_num(nan=float("inf")), -float("inf"))
             worst = int(torch.argmax(excess.flatten()))
             raise IntegrityError(
                 f"{what}: reply fails its check by {gap.flatten()[worst].item():.4g} "
-                f"(tolerance {SIGMAS * sigma.flatten()[worst].item():.3g}; {int((excess > 0).sum())} of "
+                f"(tolerance {SIGMAS * sigma.flatten()[worst].item():.3g}; {int(fails.sum())} of "
                 f"{got.numel()} checks fail)"
             )
 

@@ -26,6 +26,7 @@ from tsqp.launch import ServerProcess
 
 PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys and values"]
 MiB = 1 << 20
+SHM_ON = {"LLAMA_SHM": "1"}  # these tests are about shared memory: on, even in a run forced to frames
 
 
 # ---- in-process: the pieces ---------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_prefill_through_shared_memory_and_as_frames_give_transformers_logits(
 ):
     monkeypatch.setenv("LLAMA_SHM", "1")  # this test is about both paths, whatever the run forces
     folder = checkpoints("mqa-tied-bias")
-    server = start_server("--model", str(folder), "--log-level", "DEBUG", env={"LLAMA_SHM": "1"})
+    server = start_server("--model", str(folder), "--log-level", "DEBUG", env=SHM_ON)
     logits = {}
     for transport, extra in (("shm", []), ("frames", ["--no-shm"])):
         (tmp_path / transport).mkdir()
@@ -156,6 +157,7 @@ def start_client(endpoint: str, out, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **SHM_ON},
     )
 
 
@@ -168,7 +170,7 @@ def wait_until_served(endpoint: str, calls: int) -> None:
 
 @pytest.mark.process
 def test_kill_9_of_the_server_leaves_nothing_behind(checkpoints, start_server, tmp_path):
-    server = start_server("--model", str(checkpoints("gqa")))
+    server = start_server("--model", str(checkpoints("gqa")), env=SHM_ON)
     client = start_client(server.endpoint, tmp_path)
     wait_until_served(server.endpoint, 50)
     os.kill(server.proc.pid, signal.SIGKILL)
@@ -179,7 +181,7 @@ def test_kill_9_of_the_server_leaves_nothing_behind(checkpoints, start_server, t
 
 @pytest.mark.process
 def test_kill_9_of_a_client_leaves_nothing_behind_and_the_server_serves_on(checkpoints, start_server, tmp_path):
-    server = start_server("--model", str(checkpoints("gqa")))
+    server = start_server("--model", str(checkpoints("gqa")), env=SHM_ON)
     client = start_client(server.endpoint, tmp_path)
     wait_until_served(server.endpoint, 50)
     assert list(SHM_DIR.iterdir()) == []  # mapped by both: already unlinked, while in use
@@ -194,7 +196,7 @@ def test_kill_9_of_a_client_leaves_nothing_behind_and_the_server_serves_on(check
 
 @pytest.mark.process
 def test_two_clients_get_their_own_regions(checkpoints, start_server):
-    server = start_server("--model", str(checkpoints("gqa")))
+    server = start_server("--model", str(checkpoints("gqa")), env=SHM_ON)
     a, b = (RpcClient(server.endpoint, timeout_s=10, shm=True) for _ in range(2))
     with a, b:
         for rpc in (a, b):
@@ -208,7 +210,8 @@ def test_two_clients_get_their_own_regions(checkpoints, start_server):
 
 @pytest.mark.process
 def test_payloads_past_the_region_grow_it_or_cross_as_frames(checkpoints, start_server):
-    server = start_server("--model", str(checkpoints("gqa")), "--max-message-mb", "64", "--max-result-mb", "4")
+    caps = ("--max-message-mb", "64", "--max-result-mb", "4")
+    server = start_server("--model", str(checkpoints("gqa")), *caps, env=SHM_ON)
     with RpcClient(server.endpoint, timeout_s=30, shm=True) as rpc:
         rpc.call("Ping")
         for size in (1024, 8 * MiB, 40 * MiB, 40 * MiB):
@@ -216,7 +219,7 @@ def test_payloads_past_the_region_grow_it_or_cross_as_frames(checkpoints, start_
             assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)  # no error, whatever fits where
         assert rpc.region.request.size == 64 * MiB  # grown to the server's cap for requests
         assert rpc.region.reply.size == 4 * MiB  # capped by --max-result-mb: larger replies came as frames
-    big = start_server("--model", str(checkpoints("gqa")), name="big.ipc")
+    big = start_server("--model", str(checkpoints("gqa")), name="big.ipc", env=SHM_ON)
     with RpcClient(big.endpoint, timeout_s=30, shm=True) as rpc:
         rpc.call("Ping")
         x = torch.randn(40 * MiB // 4)
@@ -227,14 +230,14 @@ def test_payloads_past_the_region_grow_it_or_cross_as_frames(checkpoints, start_
 
 @pytest.mark.process
 def test_a_restarted_server_gets_a_new_region_without_an_error(checkpoints, start_server):
-    first = start_server("--model", str(checkpoints("gqa")))
+    first = start_server("--model", str(checkpoints("gqa")), env=SHM_ON)
     with RpcClient(first.endpoint, timeout_s=10, shm=True) as rpc:
         rpc.call("Ping")
         x = torch.randn(4096)
         assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)
         old = rpc.region.name
         first.stop()
-        with ServerProcess(first.endpoint, "--device", "cpu", "--model", str(checkpoints("gqa"))):
+        with ServerProcess(first.endpoint, "--device", "cpu", "--model", str(checkpoints("gqa")), env=SHM_ON):
             assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)  # RegionGone, attach afresh, resend
             assert rpc.region is not None and rpc.region.name != old
 
@@ -243,7 +246,7 @@ def test_a_restarted_server_gets_a_new_region_without_an_error(checkpoints, star
 def test_back_to_back_calls_lose_no_reply(checkpoints, start_server):
     """Round trips fast enough to outrun zmq's bookkeeping of the server's reply pipe (high-water mark 2):
     no reply may be dropped, through shared memory or as frames (no resends: a lost reply fails the test)."""
-    server = start_server("--model", str(checkpoints("gqa")))
+    server = start_server("--model", str(checkpoints("gqa")), env=SHM_ON)
     for shm in (True, False):
         with RpcClient(server.endpoint, timeout_s=5, retries=0, shm=shm) as rpc:
             rpc.call("Ping")
