@@ -134,6 +134,9 @@ class PadBook:
     def __len__(self) -> int:
         return len(self._pads)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._pads
+
 
 def random_mixing(rng: Csprng, count: int, size: int, cond: float) -> tuple[torch.Tensor, torch.Tensor]:
     """count random size×size A = U·diag(σ)·Vᵀ and A⁻¹ = V·diag(1/σ)·Uᵀ, float64 (count, size, size) each.

@@ -2,9 +2,16 @@
 
 This file is the trusted side: RMSNorm, RoPE, the causal + padding mask, softmax, SiLU·up,
 the residual adds and the grouped-query head bookkeeping run here, in float32. Everything
-that touches a weight matrix, and the two attention matmuls Q·Kᵀ and P·V, is delegated to
-an `Ops` object: remote over ZeroMQ, or in-process (tee_client.ops). No zmq in here.
+that touches a weight matrix, and a prefill's two attention matmuls Q·Kᵀ and P·V, is
+delegated to an `Ops` object: remote over ZeroMQ, or in-process (tee_client.ops). No zmq here.
+
+Generation (`prefill` then `decode`, one token per row per step) keeps a `KVCache` here, in
+the TEE: the server stays stateless and a decode step's attention (one query row against the
+cached keys: O(context) work) runs here too, so what crosses per step is the same few rows
+of activations whatever the context, and no key or value ever leaves the TEE after a prefill.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +20,46 @@ from torch import Tensor
 from tee_client.ops import Ops
 from tee_client.stats import tee_op
 from tsqp.spec import ModelSpec, head_dim
+
+
+class KVCache:
+    """Every layer's keys (after RoPE) and values, float32, (B, Hkv, 1, max_len, D) each, in the TEE.
+
+    Row b's tokens sit at positions 0..lengths[b]-1. A prefill's padding lies past them: never
+    attended (the decode mask stops at each row's own position) and overwritten as the row grows.
+    """
+
+    def __init__(self, n_layers: int, bsz: int, n_kv_heads: int, max_len: int, head_dim: int):
+        shape = (bsz, n_kv_heads, 1, max_len, head_dim)
+        self.k = [torch.zeros(shape) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape) for _ in range(n_layers)]
+        self.lengths = torch.zeros(bsz, dtype=torch.int64)
+
+    def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, Hkv, 1, S, D) at positions input_pos (B, S); the cached K, V up to the furthest of them."""
+        rows = torch.arange(k.shape[0])[:, None].expand_as(input_pos)
+        self.k[layer][rows, :, :, input_pos] = k.permute(0, 3, 1, 2, 4)  # (B, S, Hkv, 1, D) under advanced indexing
+        self.v[layer][rows, :, :, input_pos] = v.permute(0, 3, 1, 2, 4)
+        end = int(input_pos.max()) + 1
+        return self.k[layer][..., :end, :], self.v[layer][..., :end, :]
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only these rows (B',) of the batch, in this order: finished sequences stop costing anything."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.lengths = self.lengths[rows]
+
+
+@dataclass
+class Pass:
+    """What one forward's tokens share: RoPE tables at their positions (each (B, S, 1, 1, D); q's carry the
+    softmax scale), the additive mask over the keys they see, and, when generating, the cache and their positions."""
+
+    rope: tuple[Tensor, Tensor, Tensor, Tensor]
+    mask: Tensor
+    cache: KVCache | None = None
+    input_pos: Tensor | None = None  # (B, S)
+    local_attention: bool = False  # a decode step: attend to the cache here, not through ops
 
 
 class Llama:
@@ -34,22 +81,44 @@ class Llama:
         """Logits, float32, for right-padded ids at positions 0..S-1: (B, S, vocab) at every position,
         or with logits="last" (B, 1, vocab) at each row's last real token only: LMHead gets nothing else."""
         bsz, seqlen = input_ids.shape
-        cos, sin = rope_tables(self.config, seqlen)
-        # the softmax scale goes into the queries' rotation (D numbers per position), not into the S x S scores
-        rope = (cos, sin, cos * self.scale, sin * self.scale)
-        mask = additive_mask(attention_mask)
+        positions = torch.arange(seqlen).expand(bsz, seqlen)
+        # as transformers' batched forward: every row's rope for a sequence of S tokens (dynamic NTK cares)
+        step = Pass(self.rope(positions, torch.full((bsz,), seqlen)), additive_mask(attention_mask))
+        return self.run(input_ids, attention_mask, step, logits)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCache) -> Tensor:
+        """The first step of generation: the forward above, filling `cache`; logits (B, vocab) at each last token."""
+        bsz, seqlen = input_ids.shape
+        positions = torch.arange(seqlen).expand(bsz, seqlen)
+        cache.lengths = attention_mask.sum(dim=1)
+        # each row's rope as if it were alone: for a sequence of its own length
+        rope = self.rope(positions, cache.lengths)
+        step = Pass(rope, additive_mask(attention_mask), cache, positions)
+        return self.run(input_ids, attention_mask, step, "last")[:, 0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """One generation step: tokens (B,) go at each row's next position; logits (B, vocab) for the token after."""
+        pos = cache.lengths[:, None]  # (B, 1)
+        step = Pass(self.rope(pos, cache.lengths + 1), decode_mask(cache.lengths), cache, pos, local_attention=True)
+        logits = self.run(tokens[:, None], None, step, "all")[:, 0]
+        cache.lengths = cache.lengths + 1
+        return logits
+
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None, step: Pass, logits: str) -> Tensor:
         x = self.ops.embedding(input_ids)
         for layer in range(self.n_layers):
-            x = self.block(layer, x, rope, mask)
+            x = self.block(layer, x, step)
         if logits == "last":
-            x = x[torch.arange(bsz), last_positions(attention_mask)].unsqueeze(1)
+            x = x[torch.arange(x.shape[0]), last_positions(attention_mask)].unsqueeze(1)
         return self.ops.lm_head(rms_norm(x, self.final_norm, self.eps))
 
-    def block(self, layer: int, x: Tensor, rope: tuple[Tensor, ...], mask: Tensor) -> Tensor:
-        h = residual(x, self.attention(layer, rms_norm(x, self.attention_norms[layer], self.eps), rope, mask))
+    def block(self, layer: int, x: Tensor, step: Pass) -> Tensor:
+        h = residual(x, self.attention(layer, rms_norm(x, self.attention_norms[layer], self.eps), step))
         return residual(h, self.feed_forward(layer, rms_norm(h, self.ffn_norms[layer], self.eps)))
 
-    def attention(self, layer: int, x: Tensor, rope: tuple[Tensor, ...], mask: Tensor) -> Tensor:
+    def attention(self, layer: int, x: Tensor, step: Pass) -> Tensor:
         bsz, seqlen, _ = x.shape
         # QKV
         q, k, v = self.ops.linear(layer, ("q_proj", "k_proj", "v_proj"), x)
@@ -57,20 +126,31 @@ class Llama:
         k = k.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
         # RoPE (q's tables carry the softmax scale)
-        cos, sin, cos_q, sin_q = rope
+        cos, sin, cos_q, sin_q = step.rope
         q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         # grouped-query attention: each kv head serves n_rep query heads, broadcast on the
         # GPU side instead of copied, so K and V cross the wire once per kv head
         q, k, v = (t.permute(0, 2, 3, 1, 4) for t in (q, k, v))  # (B, Hkv, rep, S, D)
-        scores = self.ops.matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, S)
-        probs = masked_softmax(scores, 1.0, mask)  # scaled already, through q
-        out = self.ops.matmul(probs, v)  # (B, Hkv, rep, S, D)
+        if step.cache is not None:
+            k, v = step.cache.update(layer, step.input_pos, k, v)  # (B, Hkv, 1, context, D)
+        matmul = attention_matmul if step.local_attention else self.ops.matmul
+        scores = matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, context)
+        probs = masked_softmax(scores, 1.0, step.mask)  # scaled already, through q
+        out = matmul(probs, v)  # (B, Hkv, rep, S, D)
         out = out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.ops.linear(layer, ("o_proj",), out)[0]
 
     def feed_forward(self, layer: int, x: Tensor) -> Tensor:
         gate, up = self.ops.linear(layer, ("gate_proj", "up_proj"), x)
         return self.ops.linear(layer, ("down_proj",), silu_mul(gate, up))[0]
+
+    def rope(self, positions: Tensor, seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cos, sin = rope_tables(self.config, positions, seqlens)
+        # the softmax scale goes into the queries' rotation (D numbers per position), not into the S x S scores
+        return cos, sin, cos * self.scale, sin * self.scale
+
+    def new_cache(self, bsz: int, max_len: int) -> KVCache:
+        return KVCache(self.n_layers, bsz, self.n_kv_heads, max_len, self.head_dim)
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:
@@ -120,12 +200,30 @@ def additive_mask(attention_mask: Tensor) -> Tensor:
     return mask[:, None, None]  # (B, 1, 1, S, S)
 
 
+@tee_op("mask")
+def decode_mask(positions: Tensor) -> Tensor:
+    """For one new token per row at positions (B,): 0 on the keys 0..position, float32 min past it, (B, 1, 1, 1, L)."""
+    keys = torch.arange(int(positions.max()) + 1)
+    visible = keys[None, :] <= positions[:, None]
+    mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill(~visible, torch.finfo(torch.float32).min)
+    return mask[:, None, None, None]
+
+
+@tee_op("attention")
+def attention_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
+    """Q·Kᵀ or P·V here, in the TEE (a decode step, and every step of a privacy mode)."""
+    return a @ (b.transpose(-1, -2) if transpose_b else b)
+
+
 @tee_op("rope_tables")
-def rope_tables(config, seqlen: int) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (S, 1, 1, D) for positions 0..S-1, for every rope type transformers knows."""
-    inv_freq, scaling = rope_frequencies(config, seqlen)
-    freqs = torch.outer(torch.arange(seqlen, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+def rope_tables(config, positions: Tensor, seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, S, 1, 1, D) at positions (B, S), row b's frequencies those of a sequence of seqlens[b] tokens
+    (only dynamic NTK depends on the length), for every rope type transformers knows."""
+    tables = {int(n): rope_frequencies(config, int(n)) for n in seqlens.unique()}
+    inv_freq = torch.stack([tables[int(n)][0] for n in seqlens])  # (B, D/2)
+    scaling = torch.tensor([float(tables[int(n)][1]) for n in seqlens])[:, None, None, None, None]
+    freqs = positions[..., None].float() * inv_freq[:, None, :]  # (B, S, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, None, :]
     return emb.cos() * scaling, emb.sin() * scaling
 
 

@@ -38,8 +38,9 @@ class Ops:
         inner = getattr(self, "inner", None)
         return inner.transport() if inner is not None else None
 
-    def prepare(self, rows: int) -> None:
-        """The offline phase before a forward of `rows` tokens (a privacy mode draws its pads here)."""
+    def prepare(self, rows: int, head_rows: int | None = None) -> None:
+        """The offline phase before a forward of `rows` tokens whose LMHead gets `head_rows` of them (default: all;
+        one per sequence with --logits last and in generation): a privacy mode draws its pads here."""
 
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.send("Init", {}, []))

@@ -44,12 +44,19 @@ def check_writable(*paths: str | None) -> None:
             raise UsageError(f"cannot write {path}: no write permission in {target.parent}")
 
 
+def context_length(config) -> int:
+    """The most positions the model takes: max_position_embeddings, times the factor for dynamic NTK rope."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return int(
+        config.max_position_embeddings * (params.get("factor", 1) if params.get("rope_type") == "dynamic" else 1)
+    )
+
+
 def check_length(config, batch: int, length: int) -> None:
     """Refuse a length past the model's context, or one whose attention would not fit in memory."""
-    params = getattr(config, "rope_parameters", None) or {}
-    context = config.max_position_embeddings * (params.get("factor", 1) if params.get("rope_type") == "dynamic" else 1)
+    context = context_length(config)
     if length > context:
-        raise UsageError(f"--length {length} is past the model's context of {int(context)} tokens")
+        raise UsageError(f"--length {length} is past the model's context of {context} tokens")
     # the largest buffers of one forward: a layer's scores and probabilities, the mask, the logits
     need = 4 * batch * (2 * config.num_attention_heads * length**2 + length**2 + 2 * length * config.vocab_size)
     available = available_memory()
@@ -69,9 +76,10 @@ def available_memory() -> int | None:
         return None
 
 
-def encode_batch(tokenizer, prompts: list[str], batch_size: int, length: int):
-    """Prompts cycled to fill the batch, each right-padded or truncated to `length`."""
+def encode_batch(tokenizer, prompts: list[str], batch_size: int, length: int | None = None):
+    """Prompts cycled to fill the batch, each right-padded or truncated to `length` (None: the longest prompt's)."""
     full = [tokenizer(p)["input_ids"] for p in itertools.islice(itertools.cycle(prompts), batch_size)]
+    length = length or max(len(r) for r in full)
     rows = [r[:length] for r in full]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt is empty after tokenization")
@@ -97,19 +105,20 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         check_pinned(spec, settings.model_fingerprint)
         check_length(spec.config, batch_size, settings.prefill_length)
         model = Llama(spec, ops)
+        keep = settings.logits_kept
         rows = batch_size * settings.prefill_length
-        offline_ns = prepare(ops, rows)  # the first forward's pads: drawn before the prompt is tokenized
+        head_rows = batch_size if keep == "last" else rows
+        offline_ns = prepare(ops, rows, head_rows)  # the first forward's pads: drawn before the prompt is tokenized
         input_ids, attention_mask, lengths, full_lengths = encode_batch(
             spec.tokenizer, prompts, batch_size, settings.prefill_length
         )
-        keep = settings.logits_kept
         for _ in range(settings.warmup):
             model.forward(input_ids, attention_mask, keep)
-            offline_ns = prepare(ops, rows)
+            offline_ns = prepare(ops, rows, head_rows)
         runs = []
         for _ in range(settings.repeat):
             runs.append(timed_forward(model, input_ids, attention_mask, offline_ns, keep))
-            offline_ns = prepare(ops, rows)
+            offline_ns = prepare(ops, rows, head_rows)
         transport = ops.transport()
     finally:
         ops.close()
@@ -150,10 +159,11 @@ def check_pinned(spec, pinned: str | None) -> None:
         )
 
 
-def prepare(ops, rows: int) -> int:
-    """The offline phase of a privacy mode (pads for the next forward of `rows` tokens); its ns."""
+def prepare(ops, rows: int, head_rows: int | None = None) -> int:
+    """The offline phase of a privacy mode (pads for the next forward of `rows` tokens, `head_rows` of them
+    through LMHead); its ns."""
     t0 = time.perf_counter_ns()
-    ops.prepare(rows)
+    ops.prepare(rows, head_rows)
     return time.perf_counter_ns() - t0
 
 

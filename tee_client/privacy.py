@@ -3,7 +3,10 @@
     plain   ids, activations and attention scores cross as they are (no wrapper)
     otp     one-time pads in the ring Z_2^k (tee_client.masking, tsqp.ring): the server sees
             uniform ring elements, independent of the prompt; exact products, pads used once
-    mix     fresh invertible mixing of blocks of tokens per call (heuristic, GELO-style)
+    mix     fresh invertible mixing of blocks of tokens per call (heuristic, GELO-style); a call
+            with fewer rows than a block (a decode step, or the last rows LMHead gets, unless the
+            batch is large) has too few tokens to mix (one row would only be scaled), so it goes
+            through otp's pads instead
 
 In both modes the embedding lookup and the attention matmuls (Q·Kᵀ, softmax, P·V) run here,
 on the client's own copy of the model, and every weight matmul (q/k/v/o, gate/up/down,
@@ -19,6 +22,7 @@ from torch import Tensor
 
 from protocol.errors import ModelMismatch
 from tee_client.masking import Csprng, Mixer, Otp, PadBook
+from tee_client.model import attention_matmul
 from tee_client.ops import Ops
 from tee_client.stats import current, tee_op
 from tsqp.engine import Engine
@@ -39,8 +43,8 @@ class PrivateOps(Ops):
         self.own = Engine(ckpt)  # the client's own copy: embedding table, biases, and the weights behind the pads
         self.rng = Csprng()
         self.mixer = Mixer(self.rng, block=mix_block)
-        self.otp = self.make_otp() if mode == "otp" else None
-        self.book: PadBook | None = None
+        self.otp = self.make_otp() if mode == "otp" else None  # mix makes it when a forward is too small to mix
+        self.book: PadBook | None = None  # the next forward's pads (in mix: for the calls too small to mix)
 
     def make_otp(self) -> Otp:
         n_layers = len(self.own.layers)
@@ -68,16 +72,23 @@ class PrivateOps(Ops):
 
     # ---- offline: before the prompt is known -------------------------------------------------
 
-    def prepare(self, rows: int) -> None:
-        """Draw the pads (and their products R·Wqᵀ) for one forward of `rows` tokens; each is used once."""
-        if self.otp is None:
-            return
+    def prepare(self, rows: int, head_rows: int | None = None) -> None:
+        """Draw the pads (and their products R·Wqᵀ) for one forward of `rows` tokens, `head_rows` of them through
+        LMHead (default: all); each is used once. mix draws pads only for the calls too small to mix (fewer rows
+        than a block: a decode step, the last rows LMHead gets); the others draw their matrices per call."""
+        head_rows = rows if head_rows is None else head_rows
+        body = self.mode == "otp" or rows < self.mixer.block
+        head = self.mode == "otp" or head_rows < self.mixer.block
         plan = [
             ((layer, tuple(names)), rows, [(layer, name) for name in names])
             for layer in range(len(self.own.layers))
             for names in BLOCK_CALLS
+            if body
         ]
-        self.book = PadBook(self.otp, [*plan, (("lm_head",), rows, ["lm_head"])])
+        plan += [(("lm_head",), head_rows, ["lm_head"])] if head else []
+        if plan and self.otp is None:
+            self.otp = self.make_otp()
+        self.book = PadBook(self.otp, plan) if plan else None
 
     # ---- the model's linear steps ----------------------------------------------------------------
 
@@ -89,7 +100,7 @@ class PrivateOps(Ops):
 
     def linear(self, layer: int, names, x: Tensor) -> list[Tensor]:
         modules = [self.own.module(layer, name) for name in names]
-        if self.mode == "mix":
+        if self.mixing((layer, tuple(names))):
             ys = self.mixed("Linear", {"layer": layer, "names": list(names), "bias": False}, x)
         else:
             args, weights = {"layer": layer, "names": list(names)}, [(layer, name) for name in names]
@@ -97,11 +108,15 @@ class PrivateOps(Ops):
         return [y if m.bias is None else y + m.bias.float() for y, m in zip(ys, modules, strict=True)]
 
     def lm_head(self, x: Tensor) -> Tensor:
-        if self.mode == "mix":
+        if self.mixing(("lm_head",)):
             return self.mixed("LMHead", {}, x)[0]
         return self.padded("LMHeadRing", {}, ("lm_head",), x, ["lm_head"])[0]
 
     # ---- masking ---------------------------------------------------------------------------------
+
+    def mixing(self, key) -> bool:
+        """Whether this call is mixed: mix mode, and prepare() drew no pad for it."""
+        return self.mode == "mix" and (self.book is None or key not in self.book)
 
     def mixed(self, method: str, args: dict, x: Tensor) -> list[Tensor]:
         with crypto_timer("mask"):
@@ -112,6 +127,8 @@ class PrivateOps(Ops):
 
     def padded(self, method: str, args: dict, key, x: Tensor, weights: list) -> list[Tensor]:
         spec = self.otp.spec
+        if self.book is None:
+            raise RuntimeError("no pads drawn for this forward: call prepare(rows) before each forward")
         with crypto_timer("mask"):
             pad = self.book.take(key)  # raises if this forward already used it: a pad serves once
             u, x_exp = self.otp.mask(x, pad)
@@ -123,11 +140,6 @@ class PrivateOps(Ops):
 @tee_op("embedding")
 def lookup(engine: Engine, input_ids: Tensor) -> Tensor:
     return engine.embedding(input_ids).float()
-
-
-@tee_op("attention")
-def attention_matmul(a: Tensor, b: Tensor, transpose_b: bool) -> Tensor:
-    return a @ (b.transpose(-1, -2) if transpose_b else b)
 
 
 @contextmanager

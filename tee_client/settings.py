@@ -36,16 +36,21 @@ Backend = Literal["remote", "passthrough", "tee-only"]
 Privacy = Literal["plain", "otp", "mix"]
 
 
-class PrefillSettings(ClientSettings, ModelSettings):
+class RunSettings(ClientSettings, ModelSettings):
+    """What prefill and generate share: the prompts, where the linear ops run, privacy, verify, the output."""
+
     backend: Backend = "remote"
     privacy: Privacy = "plain"
     verify: bool = False
     mix_block: int = Field(16, ge=2, le=4096, description="tokens mixed together in the mix privacy mode")
-    prefill_length: PositiveInt = 128
     tee_batch_size: PositiveInt | None = None  # default: one row per prompt
     prompt: list[str] | None = None
     prompt_path: str | None = None
     tee_result_path: str | None = None
+
+
+class PrefillSettings(RunSettings):
+    prefill_length: PositiveInt = 128
     save_logits: str | None = None
     logits: Literal["last", "all"] | None = None  # None: last, or all when save_logits asks for them
     warmup: int = Field(1, ge=0)
@@ -55,3 +60,12 @@ class PrefillSettings(ClientSettings, ModelSettings):
     def logits_kept(self) -> str:
         """Which logits LMHead is asked for: --logits, else all when --save-logits writes them, else last."""
         return self.logits or ("all" if self.save_logits else "last")
+
+
+class GenerateSettings(RunSettings):
+    max_new_tokens: PositiveInt = 64
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of tokens this likely")
+    top_k: int = Field(0, ge=0, description="sample among the k likeliest tokens; 0: all")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="sampling seed (default: drawn and reported)")
+    ignore_eos: bool = False

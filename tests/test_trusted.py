@@ -25,7 +25,8 @@ def config(variant: str) -> LlamaConfig:
 @pytest.mark.parametrize("seqlen", [7, 48])  # 48: past every variant's original context
 def test_rope_tables_and_rotation_match_transformers(variant, seqlen):
     cfg = config(variant)
-    cos, sin = rope_tables(cfg, seqlen)  # (S, 1, 1, D)
+    cos, sin = rope_tables(cfg, torch.arange(seqlen)[None], torch.tensor([seqlen]))  # (1, S, 1, 1, D)
+    cos, sin = cos[0], sin[0]  # (S, 1, 1, D)
     head_dim = cos.shape[-1]
     x = torch.randn(1, seqlen, 1, 1, head_dim)
     ref_cos, ref_sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(seqlen)[None])  # (1, S, D)

@@ -1,7 +1,7 @@
 """What the trusted side needs to run its half of a model, and the one place it is assembled.
 
 `init_reply(ckpt)` is what gpu-server (or an in-process engine) sends in answer to `Init`:
-config, norm weights, tokenizer files, fingerprint and dtype. `ModelSpec.from_init` rebuilds
+config, norm weights, tokenizer files, end-of-sequence ids, fingerprint and dtype. `ModelSpec.from_init` rebuilds
 it on the trusted side; `ModelSpec.from_checkpoint` builds the same from the client's own copy
 of the model, for the privacy modes, where nothing the server says about the model is trusted.
 """
@@ -31,6 +31,16 @@ def norm_weights(model) -> dict[str, Tensor]:
     return norms
 
 
+def eos_token_ids(model) -> list[int]:
+    """The ids that end a generated sequence, as transformers' generate reads them: the generation config's,
+    else the model config's (an int, a list, or none)."""
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.eos_token_id
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
 def init_reply(ckpt) -> tuple[dict, list[Tensor]]:
     """The Init result and tensors for a tsqp.checkpoint.Checkpoint."""
     norms = norm_weights(ckpt.model)
@@ -42,6 +52,7 @@ def init_reply(ckpt) -> tuple[dict, list[Tensor]]:
         "config": json.loads(ckpt.model.config.to_json_string(use_diff=False)),
         "norms": list(norms),
         "tokenizer": tokenizer_files(ckpt.tokenizer),
+        "eos_token_ids": eos_token_ids(ckpt.model),
     }
     return result, [w.detach().float() for w in norms.values()]
 
@@ -63,6 +74,7 @@ class ModelSpec:
     name: str
     fingerprint: str
     dtype: torch.dtype  # the server's weights, and the wire's floating dtype
+    eos_token_ids: list[int]  # generation stops a row at any of these
 
     @classmethod
     def from_init(cls, result: dict, tensors: list[Tensor]) -> "ModelSpec":
@@ -79,6 +91,7 @@ class ModelSpec:
             name=result["model"],
             fingerprint=result["fingerprint"],
             dtype=TORCH_DTYPES[result["dtype"]],
+            eos_token_ids=[int(i) for i in result.get("eos_token_ids", [])],
         )
 
     @classmethod
@@ -90,4 +103,5 @@ class ModelSpec:
             name=ckpt.name,
             fingerprint=ckpt.fingerprint,
             dtype=ckpt.model.dtype,
+            eos_token_ids=eos_token_ids(ckpt.model),
         )
