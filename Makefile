@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench bench-transport bench-prefill bench-stats bench-load bench-verify bench-privacy clean
+.PHONY: install demo test test-fast lint bench bench-transport bench-prefill bench-stats bench-load bench-verify bench-privacy bench-generate clean
 
 install: $(STAMP)
 
@@ -49,7 +49,10 @@ bench-verify: install
 bench-privacy: install
 	$(BIN)/python -m benchmarks.privacy
 
-bench: bench-transport bench-prefill bench-stats bench-load bench-verify bench-privacy
+bench-generate: install
+	$(BIN)/python -m benchmarks.generate
+
+bench: bench-transport bench-prefill bench-stats bench-load bench-verify bench-privacy bench-generate
 
 clean:
 	rm -rf $(VENV) *.egg-info results

@@ -120,6 +120,51 @@ class Phase:
         return {"steps": len(self.step_ns), **self.stats.summary(sum(self.step_ns))}
 
 
+@dataclass
+class Generation:
+    """One generate's outcome: each row's new tokens (in the streamer), why it stopped, and the two phases."""
+
+    streamer: Streamer
+    finish_reasons: list[str | None]
+    prefill: Phase = field(default_factory=Phase)
+    decode: Phase = field(default_factory=Phase)
+
+
+def generate(
+    model: Llama,
+    sampler: Sampler,
+    streamer: Streamer,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    stop_ids: set[int],
+) -> Generation:
+    """Prefill right-padded prompts into a fresh cache, then decode until every row has stopped."""
+    ops, batch_size = model.ops, input_ids.shape[0]
+    run = Generation(streamer, [None] * batch_size)
+    # prefill: the prompts' keys and values into the cache, each row's first new token
+    cache = model.new_cache(batch_size, input_ids.shape[1] + max_new_tokens)
+    with run.prefill.step(prepare(ops, input_ids.numel(), batch_size)):
+        tokens = sampler(model.prefill(input_ids, attention_mask, cache))
+    rows = torch.arange(batch_size)  # which prompt each cache row belongs to
+    # decode: one token per unfinished row per step
+    while True:
+        for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
+            streamer.push(row, token)
+            if token in stop_ids or len(streamer.ids[row]) == max_new_tokens:
+                run.finish_reasons[row] = "stop" if token in stop_ids else "length"
+                streamer.finish(row)
+        going = torch.tensor([run.finish_reasons[r] is None for r in rows.tolist()])
+        if not going.any():
+            return run
+        if not going.all():  # finished rows leave the batch
+            keep = going.nonzero()[:, 0]
+            cache.keep(keep)
+            rows, tokens = rows[keep], tokens[keep]
+        with run.decode.step(prepare(ops, len(rows))):
+            tokens = sampler(model.decode(tokens, cache))
+
+
 def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:
     """Generate for every prompt, streaming to `out` (None: silent); the result JSON."""
     prompts = read_prompts(settings)
@@ -134,38 +179,20 @@ def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:
         check_pinned(spec, settings.model_fingerprint)
         input_ids, attention_mask, lengths, _ = encode_batch(spec.tokenizer, prompts, batch_size)
         check_room(spec.config, batch_size, max(lengths), settings.max_new_tokens)
-        model, sampler = Llama(spec, ops), Sampler(settings.temperature, settings.top_k, settings.top_p, seed)
-        stop_ids = set() if settings.ignore_eos else set(spec.eos_token_ids)
-        streamer = Streamer(spec.tokenizer, batch_size, out)
-        prefill, decode = Phase(), Phase()
-        finish_reasons: list[str | None] = [None] * batch_size
-
-        # prefill: the prompts' keys and values into the cache, each row's first new token
-        cache = model.new_cache(batch_size, max(lengths) + settings.max_new_tokens)
-        with prefill.step(prepare(ops, input_ids.numel(), batch_size)):
-            tokens = sampler(model.prefill(input_ids, attention_mask, cache))
-        rows = torch.arange(batch_size)  # which prompt each cache row belongs to
-        # decode: one token per unfinished row per step
-        while True:
-            for row, token in zip(rows.tolist(), tokens.tolist(), strict=True):
-                streamer.push(row, token)
-                if token in stop_ids or len(streamer.ids[row]) == settings.max_new_tokens:
-                    finish_reasons[row] = "stop" if token in stop_ids else "length"
-                    streamer.finish(row)
-            going = torch.tensor([finish_reasons[r] is None for r in rows.tolist()])
-            if not going.any():
-                break
-            if not going.all():
-                keep = going.nonzero()[:, 0]
-                cache.keep(keep)
-                rows, tokens = rows[keep], tokens[keep]
-            with decode.step(prepare(ops, len(rows))):
-                tokens = sampler(model.decode(tokens, cache))
+        run = generate(
+            Llama(spec, ops),
+            Sampler(settings.temperature, settings.top_k, settings.top_p, seed),
+            Streamer(spec.tokenizer, batch_size, out),
+            input_ids,
+            attention_mask,
+            settings.max_new_tokens,
+            set() if settings.ignore_eos else set(spec.eos_token_ids),
+        )
         transport = ops.transport()
     finally:
         ops.close()
-    prefill.stats.methods.update(init_stats.methods)  # Init shows in the prefill's `rpc`, outside its time
-    return result_json(settings, spec, transport, prompts, lengths, seed, streamer, finish_reasons, prefill, decode)
+    run.prefill.stats.methods.update(init_stats.methods)  # Init shows in the prefill's `rpc`, outside its time
+    return result_json(settings, spec, transport, prompts, lengths, seed, run)
 
 
 def check_room(config, batch: int, longest: int, new_tokens: int) -> None:
@@ -179,7 +206,8 @@ def check_room(config, batch: int, longest: int, new_tokens: int) -> None:
     check_length(config, batch, longest)
 
 
-def result_json(settings, spec, transport, prompts, lengths, seed, streamer, reasons, prefill, decode) -> dict:
+def result_json(settings, spec, transport, prompts, lengths, seed, run: Generation) -> dict:
+    streamer, prefill, decode = run.streamer, run.prefill, run.decode
     new_tokens = sum(len(ids) for ids in streamer.ids)
     total_ns = sum(prefill.step_ns) + sum(decode.step_ns)
     per_token = np.array(decode.step_ns or [0]) / 1e6
@@ -206,7 +234,7 @@ def result_json(settings, spec, transport, prompts, lengths, seed, streamer, rea
         },
         "completions": [
             {"prompt": prompt, "token_ids": ids, "text": streamer.text(row), "finish_reason": reason}
-            for row, (prompt, ids, reason) in enumerate(zip(itertools.cycle(prompts), streamer.ids, reasons))
+            for row, (prompt, ids, reason) in enumerate(zip(itertools.cycle(prompts), streamer.ids, run.finish_reasons))
         ],
         "new_tokens": new_tokens,
         "time_seconds": total_ns / 1e9,
