@@ -102,6 +102,16 @@ class LinearArgs(Strict):
     bias: bool = True  # the mix privacy mode adds biases itself, after un-mixing
 
 
+class ResidualArgs(Strict):
+    """Residual: x + a·W_outᵀ (layer's `out` module, with its bias), then the next modules on it, weighted by the
+    RMSNorm between them: gate_proj/up_proj after o_proj; q/k/v_proj of layer + 1 after down_proj (lm_head after
+    the last layer's)."""
+
+    layer: NonNegativeInt
+    out: Literal["o_proj", "down_proj"]
+    names: Annotated[list[Literal[(*MODULES, "lm_head")]], Field(min_length=1, max_length=3), AfterValidator(distinct)]
+
+
 class MatmulArgs(Strict):
     transpose_b: bool = False
 

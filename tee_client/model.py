@@ -9,6 +9,9 @@ Generation (`prefill` then `decode`, one token per row per step) keeps a `KVCach
 the TEE: the server stays stateless and a decode step's attention (one query row against the
 cached keys: O(context) work) runs here too, so what crosses per step is the same few rows
 of activations whatever the context, and no key or value ever leaves the TEE after a prefill.
+Where the ops allow it (plain mode, no --verify, no q/k/v/gate/up biases) a decode step takes
+two calls per layer instead of four: the server adds the residual and applies the RMSNorm
+weight, the linear parts (`Ops.residual`), and this side scales each product by 1/rms.
 """
 
 from dataclasses import dataclass
@@ -75,6 +78,9 @@ class Llama:
         self.attention_norms = [spec.norms[f"layers.{i}.input_layernorm"] for i in range(self.n_layers)]
         self.ffn_norms = [spec.norms[f"layers.{i}.post_attention_layernorm"] for i in range(self.n_layers)]
         self.final_norm = spec.norms["norm"]
+        # decode in two calls per layer (Ops.residual) where nothing needs each matmul on its own
+        biased = getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False)
+        self.fused_decode = ops.fuses_residuals and ops.verifier is None and not biased
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits: str = "all") -> Tensor:
@@ -102,9 +108,25 @@ class Llama:
         """One generation step: tokens (B,) go at each row's next position; logits (B, vocab) for the token after."""
         pos = cache.lengths[:, None]  # (B, 1)
         step = Pass(self.rope(pos, cache.lengths + 1), decode_mask(cache.lengths), cache, pos, local_attention=True)
-        logits = self.run(tokens[:, None], None, step, "all")[:, 0]
+        ids = tokens[:, None]
+        logits = self.run_fused(ids, step) if self.fused_decode else self.run(ids, None, step, "all")
         cache.lengths = cache.lengths + 1
-        return logits
+        return logits[:, 0]
+
+    def run_fused(self, input_ids: Tensor, step: Pass) -> Tensor:
+        """`run` in two calls per layer, logits at every position: each Residual call returns the new residual
+        stream and the next modules' products of it, to be scaled by its 1/rms (the server applied the weight)."""
+        x = self.ops.embedding(input_ids)
+        qkv = self.ops.linear(0, ("q_proj", "k_proj", "v_proj"), rms_norm(x, self.attention_norms[0], self.eps))
+        for layer in range(self.n_layers):
+            h, gate, up = self.ops.residual(
+                layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step), x
+            )
+            gate, up = rms_scale(h, (gate, up), self.eps)
+            nexts = ("lm_head",) if layer + 1 == self.n_layers else ("q_proj", "k_proj", "v_proj")
+            x, *qkv = self.ops.residual(layer, "down_proj", nexts, silu_mul(gate, up), h)
+            qkv = rms_scale(x, qkv, self.eps)
+        return qkv[0]  # the logits
 
     def run(self, input_ids: Tensor, attention_mask: Tensor | None, step: Pass, logits: str) -> Tensor:
         x = self.ops.embedding(input_ids)
@@ -119,9 +141,13 @@ class Llama:
         return residual(h, self.feed_forward(layer, rms_norm(h, self.ffn_norms[layer], self.eps)))
 
     def attention(self, layer: int, x: Tensor, step: Pass) -> Tensor:
-        bsz, seqlen, _ = x.shape
         # QKV
         q, k, v = self.ops.linear(layer, ("q_proj", "k_proj", "v_proj"), x)
+        return self.ops.linear(layer, ("o_proj",), self.attend(layer, q, k, v, step))[0]
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, step: Pass) -> Tensor:
+        """Attention of q (B, S, H·D) over k, v (B, S, Hkv·D) and layer's cached context: (B, S, H·D) for o_proj."""
+        bsz, seqlen, _ = q.shape
         q = q.view(bsz, seqlen, self.n_kv_heads, self.n_rep, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
@@ -137,8 +163,7 @@ class Llama:
         scores = matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, context)
         probs = masked_softmax(scores, 1.0, step.mask)  # scaled already, through q
         out = matmul(probs, v)  # (B, Hkv, rep, S, D)
-        out = out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
-        return self.ops.linear(layer, ("o_proj",), out)[0]
+        return out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
 
     def feed_forward(self, layer: int, x: Tensor) -> Tensor:
         gate, up = self.ops.linear(layer, ("gate_proj", "up_proj"), x)
@@ -164,6 +189,13 @@ def last_positions(attention_mask: Tensor) -> Tensor:
 @tee_op("rmsnorm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@tee_op("rmsnorm")
+def rms_scale(x: Tensor, products: list[Tensor], eps: float) -> list[Tensor]:
+    """RMSNorm's non-linear half, after the matmul: each product of (x ⊙ weight) times 1/rms(x) per row."""
+    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return [y * scale for y in products]
 
 
 @tee_op("rope")

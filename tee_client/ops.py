@@ -26,6 +26,7 @@ class Ops:
     wire_dtype: torch.dtype | None = None  # None until Init: nothing floating crosses before it
     fingerprint: str | None = None  # the model Init reported; every later request carries it
     verifier = None  # --verify: a tee_client.verify.Verifier checks every reply, as it crossed
+    fuses_residuals = True  # whether `residual` may be used (a privacy mode masks each matmul on its own)
 
     def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
         raise NotImplementedError
@@ -41,6 +42,8 @@ class Ops:
     def prepare(self, rows: int, head_rows: int | None = None) -> None:
         """The offline phase before a forward of `rows` tokens whose LMHead gets `head_rows` of them (default: all;
         one per sequence with --logits last and in generation): a privacy mode draws its pads here."""
+        if self.verifier is not None:
+            self.verifier.prepare(rows)  # --verify: the next forward's secret r and Wᵀ·r, drawn ahead
 
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.send("Init", {}, []))
@@ -69,6 +72,10 @@ class Ops:
 
     def lm_head(self, x: Tensor) -> Tensor:
         return self.call("LMHead", {}, [x])[0]
+
+    def residual(self, layer: int, out: str, names: Sequence[str], a: Tensor, x: Tensor) -> list[Tensor]:
+        """[h = x + a·W_outᵀ, then (h ⊙ w_norm)·Wᵀ for each next module] (tsqp.engine.Engine.residual)."""
+        return self.call("Residual", {"layer": layer, "out": out, "names": list(names)}, [a, x])
 
 
 class RemoteOps(Ops):

@@ -36,6 +36,8 @@ BLOCK_CALLS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_pr
 class PrivateOps(Ops):
     """Wraps the ops of any backend (`inner`): masks what it sends, unmasks what comes back."""
 
+    fuses_residuals = False  # each weight matmul is masked (and unmasked) on its own
+
     def __init__(self, inner: Ops, ckpt, mode: str, mix_block: int = 16):
         if mode not in ("otp", "mix"):
             raise ValueError(f"unknown privacy mode {mode!r}")

@@ -48,6 +48,18 @@ MALFORMED = {
     "ids out of vocab": (request("Embedding", {}, [("int64", [1], (10**6).to_bytes(8, "little"))]), "BadShape"),
     "float ids": (request("Embedding", {}, [f32(1, 2)]), "BadShape"),
     "huge result": (request("Matmul", {}, [f32(1, 1), ("float32", [1, 1 << 30], b"")]), "BadShape"),
+    "residual into the wrong module": (
+        request("Residual", {"layer": 0, "out": "o_proj", "names": ["q_proj"]}, [f32(1, 64), f32(1, 64)]),
+        "UnknownModule",
+    ),
+    "residual rows differ": (
+        request("Residual", {"layer": 0, "out": "o_proj", "names": ["up_proj"]}, [f32(2, 64), f32(1, 64)]),
+        "BadShape",
+    ),
+    "residual of the wrong width": (
+        request("Residual", {"layer": 0, "out": "down_proj", "names": ["q_proj"]}, [f32(1, 64), f32(1, 64)]),
+        "BadShape",
+    ),
     "dimension past int64": (request("Echo", {}, [("float32", [0, 2**63], b"")]), "BadShape"),
     "dimension of 2**64-1": (request("Echo", {}, [("float32", [0, 2**64 - 1], b"")]), "BadShape"),
     "empty but vast": (request("Echo", {}, [("float32", [0, 2**62, 2**62], b"")]), "BadShape"),
@@ -92,6 +104,8 @@ TEMPLATES = [
     ("Linear", {"layer": 0, "names": ["down_proj"]}, [F32(2, 112)]),
     ("Matmul", {"transpose_b": True}, [F32(1, 2, 2, 3, 16), F32(1, 2, 1, 3, 16)]),
     ("LMHead", {}, [F32(2, 64)]),
+    ("Residual", {"layer": 0, "out": "o_proj", "names": ["gate_proj", "up_proj"]}, [F32(1, 2, 64), F32(1, 2, 64)]),
+    ("Residual", {"layer": 1, "out": "down_proj", "names": ["lm_head"]}, [F32(2, 112), F32(2, 64)]),
 ]
 dims = st.integers(min_value=-3, max_value=1 << 40)
 ints = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # what msgpack can carry

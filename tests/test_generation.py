@@ -79,9 +79,13 @@ def test_the_result_json_has_every_field(checkpoints):
     for phase, steps in (("prefill", 1), ("decode", 4)):
         assert result[phase]["steps"] == steps
         assert {"rpc", "timing", "timing_percentage", "data_transfer", "operation_counts"} <= set(result[phase])
-    # a decode step: one Embedding, 4 Linear calls per layer and LMHead; attention stays in the client
-    assert result["decode"]["operation_counts"]["gpu"] == {"Embedding": 4, "Linear": 32, "LMHead": 4}
+    # a decode step: Embedding, layer 0's q/k/v, then per layer two Residual calls (the second of the last
+    # layer gives the logits); attention stays in the client
+    assert result["decode"]["operation_counts"]["gpu"] == {"Embedding": 4, "Linear": 4, "Residual": 4 * 2 * 2}
     assert result["decode"]["operation_counts"]["tee"]["attention"] == 4 * 2 * 2
+    # with biases on q/k/v and gate/up (which follow the 1/rms scale) the step takes the four calls per layer
+    biased = generate(checkpoints("mqa-tied-bias"), max_new_tokens=5, ignore_eos=True)
+    assert biased["decode"]["operation_counts"]["gpu"] == {"Embedding": 4, "Linear": 32, "LMHead": 4}
     c = result["completions"][1]
     assert set(c) == {"prompt", "token_ids", "text", "finish_reason"} and c["prompt"] == PROMPTS[1]
 

@@ -91,7 +91,7 @@ def test_fuzzed_requests_always_get_a_well_formed_reply(handler):
             assert header["error"]["type"] and header["error"]["message"]
 
     given(mutated_request())(settings(max_examples=2000, deadline=None, derandomize=True)(send))()
-    assert counts["ok"] > 250 and counts["error"] > 1000, counts
+    assert counts["ok"] > 200 and counts["error"] > 1000, counts  # about 1 in 9 stays valid
     header, _ = reply_of(handler, request("Ping"))
     assert header["ok"]
 
@@ -149,3 +149,29 @@ def test_every_template_method_is_in_the_table_and_dispatches(handler):
     via_handler, frames = reply_of(handler, request("LMHead", {}, [("float32", [2, 64], x.numpy().tobytes())]))
     _, out, _ = dispatch(handler.engine, "LMHead", {}, [x])
     assert torch.equal(torch.frombuffer(bytearray(frames[0]), dtype=torch.float32).view(2, -1), out[0])
+
+
+def test_residual_is_the_residual_add_and_the_next_modules_on_the_normed_stream(handler):
+    """What a fused decode step relies on: [x + o(a), gate(norm(h)) / s, up(norm(h)) / s], s = 1/rms(h) per row."""
+    model, layer = handler.engine.model.model, 1
+    a, x = torch.randn(3, 64), torch.randn(3, 64)
+    _, (h, gate, up), _ = dispatch(
+        handler.engine, "Residual", {"layer": layer, "out": "o_proj", "names": ["gate_proj", "up_proj"]}, [a, x]
+    )
+    block = model.layers[layer]
+    with torch.no_grad():
+        want_h = x + block.self_attn.o_proj(a)
+        normed = block.post_attention_layernorm(want_h)
+        scale = torch.rsqrt(want_h.pow(2).mean(-1, keepdim=True) + block.post_attention_layernorm.variance_epsilon)
+        torch.testing.assert_close(h, want_h)
+        torch.testing.assert_close(gate * scale, block.mlp.gate_proj(normed), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(up * scale, block.mlp.up_proj(normed), rtol=1e-5, atol=1e-5)
+        # after the last layer's down_proj: the final norm and lm_head
+        m = torch.randn(3, 112)
+        _, (x2, logits), _ = dispatch(
+            handler.engine, "Residual", {"layer": layer, "out": "down_proj", "names": ["lm_head"]}, [m, h]
+        )
+        torch.testing.assert_close(x2, h + block.mlp.down_proj(m))
+        scale = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + model.norm.variance_epsilon)
+        want = handler.engine.model.lm_head(model.norm(x2))
+        torch.testing.assert_close(logits * scale, want, rtol=1e-5, atol=1e-5)

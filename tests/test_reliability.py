@@ -229,7 +229,7 @@ def test_fuzzed_requests_get_replies_and_leave_the_server_correct(checkpoints, s
     before = rss_mb(server.proc.pid)
     given(mutated_request())(settings(max_examples=2000, deadline=None, derandomize=True)(send))()
     sock.close()
-    assert counts["ok"] > 300 and counts["error"] > 1000, counts
+    assert counts["ok"] > 250 and counts["error"] > 1000, counts  # the 50 warm-ups and about 1 in 9
     assert rss_mb(server.proc.pid) - before < 200, "server memory grew while fuzzed"
     assert server.proc.poll() is None
 

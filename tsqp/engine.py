@@ -92,6 +92,40 @@ class Engine:
         x = x.to(self.device)
         return [self.affine(x, m.weight, m.bias if bias else None) for m in modules]
 
+    def residual(self, layer: int, out: str, names: list[str], a: torch.Tensor, x: torch.Tensor) -> list:
+        """h = x + a·W_outᵀ (+ bias), then (h ⊙ w)·Wᵀ for each next module, w the RMSNorm weight between them:
+        [h, *products]. RMSNorm's other half, the scale 1/rms(h) per row, is not linear: the trusted side applies
+        it to the products (a row scale commutes with a matmul), so a decode step takes two calls per layer."""
+        m_out = self.module(layer, out)
+        self.check_activation(a, m_out.in_features, f"layer {layer} {out}")
+        self.check_activation(x, m_out.out_features, f"layer {layer} residual")
+        if a.shape[:-1] != x.shape[:-1]:
+            raise BadShape(f"Residual: {list(a.shape)} and the residual {list(x.shape)} have different rows")
+        norm, nexts = self.next_modules(layer, out, names)
+        self.check_result(x.numel() // max(x.shape[-1], 1) * (x.shape[-1] + sum(w.shape[0] for w in nexts)))
+        h = self.affine(a.to(self.device), m_out.weight, m_out.bias)
+        h += x.to(self.device)
+        u = h * norm
+        return [h, *[self.affine(u, w, None) for w in nexts]]
+
+    def next_modules(self, layer: int, out: str, names: list[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The RMSNorm weight after `out` and the weights of the modules it feeds (none may have a bias)."""
+        n_layers = len(self.layers)
+        if out == "o_proj":
+            allowed, norm = ("gate_proj", "up_proj"), self.layers[layer].post_attention_layernorm.weight
+            modules = [self.module(layer, n) for n in names if n in allowed]
+        elif layer + 1 < n_layers:
+            allowed, norm = ("q_proj", "k_proj", "v_proj"), self.layers[layer + 1].input_layernorm.weight
+            modules = [self.module(layer + 1, n) for n in names if n in allowed]
+        else:
+            allowed, norm = ("lm_head",), self.model.model.norm.weight
+            modules = [self.model.lm_head] if names == ["lm_head"] else []
+        if len(modules) != len(names):
+            raise UnknownModule(f"after layer {layer} {out} come {', '.join(allowed)}, not {', '.join(names)}")
+        if any(m.bias is not None for m in modules):
+            raise BadRequest(f"Residual: {', '.join(names)} after layer {layer} {out} have biases; use Linear")
+        return norm, [m.weight for m in modules]
+
     def affine(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """F.linear(x, weight, bias) into `new` memory: x flattened to rows, one addmm (or mm), as F.linear does."""
         out = self.new([*x.shape[:-1], weight.shape[0]])

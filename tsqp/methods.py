@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from protocol.errors import BadShape, UnknownMethod
-from protocol.messages import LinearArgs, LinearRingArgs, MatmulArgs, NoArgs, RingArgs
+from protocol.messages import LinearArgs, LinearRingArgs, MatmulArgs, NoArgs, ResidualArgs, RingArgs
 from tsqp.engine import Engine
 from tsqp.ring import RingSpec
 
@@ -36,6 +36,7 @@ METHODS: dict[str, Method] = {
     "Linear": Method(LinearArgs, 1, lambda e, a, ts: ({}, e.linear(a.layer, a.names, *ts, bias=a.bias))),
     "Matmul": Method(MatmulArgs, 2, lambda e, a, ts: ({}, [e.matmul(*ts, transpose_b=a.transpose_b)])),
     "LMHead": Method(NoArgs, 1, lambda e, a, ts: ({}, [e.lm_head(*ts)])),
+    "Residual": Method(ResidualArgs, 2, lambda e, a, ts: ({}, e.residual(a.layer, a.out, a.names, *ts))),
     "LinearRing": Method(LinearRingArgs, 1, lambda e, a, ts: ({}, e.linear_ring(a.layer, a.names, *ts, ring(a)))),
     "LMHeadRing": Method(RingArgs, 1, lambda e, a, ts: ({}, [e.lm_head_ring(*ts, ring(a))])),
 }
