@@ -3,8 +3,9 @@
 Sampling runs here, in the TEE, from the logits the split produced (Sampler). The KV cache lives
 here too (tee_client.model.KVCache): the server stays stateless, a resend is as safe as in a
 prefill, and every privacy mode and backend works unchanged. A decode step sends one row per
-unfinished sequence to each linear op (about 4 calls per layer plus LMHead and Embedding) and
-attends to the cache locally; a finished row leaves the batch and costs nothing after.
+unfinished sequence to each linear op (two calls per layer in plain mode, four in the privacy
+modes and with --verify; see Llama.decode) and attends to the cache locally; a finished row
+leaves the batch and costs nothing after.
 """
 
 import itertools
@@ -22,8 +23,15 @@ import torch
 from protocol.errors import UsageError
 from tee_client.model import Llama
 from tee_client.ops import make_ops
-from tee_client.prefill import check_length, check_pinned, check_writable, context_length, encode_batch, prepare
-from tee_client.prefill import read_prompts
+from tee_client.prefill import (
+    check_length,
+    check_pinned,
+    check_writable,
+    context_length,
+    encode_batch,
+    prepare,
+    read_prompts,
+)
 from tee_client.settings import GenerateSettings
 from tee_client.stats import Stats
 
