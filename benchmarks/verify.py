@@ -1,9 +1,12 @@
 """The cost of --verify: the split prefill with and without its checks, on the embedded model.
 
 One gpu-server over ipc; for each length, the same ids through four ops objects built exactly
-as tee-client builds them (plain, plain + verify, otp, otp + verify). After --warmup untimed
-forwards each, --runs rounds visit all four in turn, so drift hits all alike; each point is a
-median, and the overhead is the ratio of medians measured in the same rounds.
+as tee-client builds them (plain, plain + verify, otp, otp + verify; --variants picks some).
+Each forward is prepared as tee-client prepares it (ops.prepare before it: the otp pads and
+--verify's secrets, timed as offline) and keeps the logits tee-client keeps (--logits, default
+last). After --warmup untimed forwards each, --runs rounds visit every variant in turn, so drift
+hits all alike; each point is a median (with the IQR and the range of the runs), and the
+overhead is the ratio of medians measured in the same rounds.
 """
 
 import argparse
@@ -36,12 +39,12 @@ VARIANTS = {
 
 
 def measure(args) -> dict:
-    points = []
+    points, variants = [], {name: VARIANTS[name] for name in args.variants}
     with tempfile.TemporaryDirectory(prefix="tsqp-bench-") as tmp, ExitStack() as stack:
         endpoint = f"ipc://{tmp}/s.ipc"
         stack.enter_context(ServerProcess(endpoint, "--model", str(embedded_model_path()), "--device", "cpu"))
         models = {}
-        for name, (privacy, verify) in VARIANTS.items():
+        for name, (privacy, verify) in variants.items():
             settings = PrefillSettings(
                 gpu_endpoint=endpoint,
                 model_path=str(embedded_model_path()),
@@ -55,21 +58,22 @@ def measure(args) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
         for length in args.lengths:
             ids, mask, *_ = encode_batch(tokenizer, [PROMPT], 1, length)
+            head_rows = ids.shape[0] if args.logits == "last" else ids.numel()
             for model, ops in models.values():
                 for _ in range(args.warmup):
-                    ops.prepare(ids.numel())
-                    model.forward(ids, mask)
+                    ops.prepare(ids.numel(), head_rows)
+                    model.forward(ids, mask, args.logits)
             runs = {name: [] for name in models}
             for _ in range(args.runs):  # interleaved
                 for name, (model, ops) in models.items():
-                    offline = prepare(ops, ids.numel())
-                    runs[name].append(timed_forward(model, ids, mask, offline))
+                    offline = prepare(ops, ids.numel(), head_rows)
+                    runs[name].append(timed_forward(model, ids, mask, offline, args.logits))
             points.append({"length": length, "variants": summarize(runs)})
             print(
                 f"  length {length}: "
                 + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in points[-1]["variants"].items())
             )
-    return {"warmup": args.warmup, "runs": args.runs, "points": points}
+    return {"warmup": args.warmup, "runs": args.runs, "logits": args.logits, "points": points}
 
 
 def summarize(runs: dict) -> dict:
@@ -82,17 +86,18 @@ def summarize(runs: dict) -> dict:
             "median_ms": float(np.median(ms)),
             "runs_ms": ms,
             "verify_ms": summary["timing"]["verify_ms"],
+            "offline_ms": summary["timing"]["offline_ms"],
             "checks": stats.verify_checks,
         }
-    for base in ("plain", "otp"):
-        for name in (base, f"{base}+verify"):
-            out[name]["vs_unverified"] = out[name]["median_ms"] / out[base]["median_ms"]
+    for name in out:
+        base = name.removesuffix("+verify")
+        out[name]["vs_unverified"] = out[name]["median_ms"] / out[base]["median_ms"] if base in out else None
     return out
 
 
 def plot(data: dict):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = list(VARIANTS)
+    names = list(data["points"][0]["variants"])
     width = 0.8 / len(data["points"])
     for i, p in enumerate(data["points"]):
         ax.bar(
@@ -117,12 +122,15 @@ def table(data: dict) -> str:
                     name,
                     f"{v['median_ms']:.0f}",
                     f"{np.percentile(v['runs_ms'], 25):.0f}-{np.percentile(v['runs_ms'], 75):.0f}",
+                    f"{min(v['runs_ms']):.0f}-{max(v['runs_ms']):.0f}",
                     f"{v['verify_ms']:.0f}",
+                    f"{v['offline_ms']:.0f}",
                     v["checks"],
-                    f"{(v['vs_unverified'] - 1) * 100:+.1f}%",
+                    "–" if v["vs_unverified"] is None else f"{(v['vs_unverified'] - 1) * 100:+.1f}%",
                 ]
             )
-    header = ["length", "mode", "median ms", "IQR ms", "verify ms", "checks", "vs same mode unverified"]
+    header = ["length", "mode", "median ms", "IQR ms", "range ms", "verify ms", "offline ms", "checks"]
+    header += ["vs same mode unverified"]
     return markdown_table(header, rows)
 
 
@@ -131,10 +139,19 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument(
+        "--logits", choices=["last", "all"], default="last", help="what LMHead computes (tee-client's --logits)"
+    )
     args = p.parse_args(argv)
     data = measure(args)
     write_json("verify", data)
-    finish("verify", plot(data), table(data), f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+    finish(
+        "verify",
+        plot(data),
+        table(data),
+        f"median of {args.runs} interleaved rounds after {args.warmup} warm-up, --logits {args.logits}",
+    )
     return 0
 
 

@@ -2,24 +2,42 @@
 
 For a reply Y = X·Wᵀ the client draws a secret vector r, fresh from the CSPRNG for this one call
 and never sent, and compares Y·r with X·(Wᵀ·r), computed from its own copy of the weights: the
-cost is O(rows·(in + out)) against the product's O(rows·in·out). r is taken block by block: the
-output columns are cut into blocks of BLOCK, and each block of each row is one check, so one
-changed element is never drowned in the rounding noise of the whole row.
+cost is O(rows·(in + out)) against the product's O(rows·in·out). The output columns are cut into
+blocks, each block of each row one check: float32 replies in whole rows (equal blocks of at most
+BLOCK_FLOAT32 = 2048 columns for wider ones, e.g. the logits), float16 and bfloat16 replies and
+the ring in blocks of BLOCK = 32, where the coarser rounding would otherwise drown one element.
 
-Floating point (Linear, LMHead, Matmul): r_j = ±(1 + U[0,1)), so |r_j| ≥ 1 and changing one
-element of Y by δ moves its block's sum by at least |δ|. An honest server differs from the
-exact product by rounding: the output rounded to its dtype (unit roundoff u: 2⁻²⁴ float32,
-2⁻¹¹ float16, 2⁻⁸ bfloat16, independent per element, so the block sum errs by about
-u·‖r∘y‖/√3) and float32 accumulation over the inner dimension n (about 2⁻²⁴·√n·‖x‖·‖r∘‖w‖‖;
-our own float32 reference adds the same again). The tolerance is SIGMAS times the sum of those
-standard deviations: loose enough that honest float32, float16 and bfloat16 servers pass, tight
-enough that one element changed by a typical activation fails (bfloat16, BLOCK 32: about 0.2×
-the row's RMS).
+Offline (`prepare`, called before each forward, like the otp pads; its time is `offline_ms`): for
+every call the last forward made, a fresh r per weight and the call's Wᵀ·r are drawn and kept for
+the coming forward, so the read of every weight that Wᵀ·r costs happens before the prompt is
+known; so are the random values the attention Matmul checks will take. Each serves exactly one
+call: `take` removes a draw, the Matmul values are handed out once from a cursor; a call with
+nothing drawn for it (the first forward, a second call to the same weights in one forward, more
+Matmul values than drawn) draws afresh on the spot, and `prepare` drops whatever the last forward
+left unused. r never leaves this object; the server answers before anything about it exists outside.
 
-Ring (otp: LinearRing, LMHeadRing): the check is exact in Z_2^k. r_j is odd (a unit mod 2^k),
-so any change of one element fails; changes that cancel inside one block pass with probability
-about 2^-(RING_R_BITS-1) per block. Embedding rows (plain mode) are compared with the client's
-own table, exactly.
+Floating point (Linear, LMHead, Matmul): r_j = ±(1 + U[0,1)), so |r_j| ≥ 1. An honest server
+differs from the exact product by rounding: the output rounded to its dtype (unit roundoff u:
+2⁻²⁴ float32, 2⁻¹¹ float16, 2⁻⁸ bfloat16, independent per element, so the block sum errs by about
+u·‖r∘y‖/√3) and float32 accumulation over the inner dimension n (about 2⁻²⁴·√n·‖x‖·‖r∘‖w‖‖; our own
+float32 reference adds the same again). The tolerance is SIGMAS times the sum of those standard
+deviations, τ = SIGMAS·(2·2⁻²⁴·√n·‖x‖·‖r∘‖w‖‖ + u/√3·‖r∘y‖), where float32 replies take the bound
+‖r∘y‖ ≤ ‖x‖·‖r∘‖w‖‖ (Cauchy–Schwarz; a bias adds ‖r∘b‖), which costs no pass over y, and float16
+and bfloat16 need the exact ‖r∘y‖. One element changed by δ moves its block's sum by |δ·r_j| ≥ |δ|,
+so it fails whenever |δ| > τ: on SmolLM2 at 512 tokens τ is 0.02–0.07 times the row's RMS (float32,
+whole rows, 99th percentile per module) and about 0.2 times it (bfloat16, blocks of 32). Several
+changed elements in one block pass only if their sum against r lands within ±τ: with δ the largest
+change, that happens with probability at most τ/δ (given the other entries, r_j's density is at
+most 1/2 and the window has width 2τ/δ), independently in each block. Every quantity is float32.
+
+Ring (otp: LinearRing, LMHeadRing): the check is exact in Z_2^k, in blocks of 32. r_j is odd and
+uniform below 2^RING_R_BITS = 2^8 (a unit mod 2^k), so a block with one wrong element always fails.
+A block with several passes with probability at most 2^-(min(8, k − t) − 1), t the smallest 2-adic
+valuation among its errors: 2⁻⁷ unless every error is a multiple of 2^(k−7), at least 1/64 of the
+largest product the ring holds (two errors of exactly 2^(k−1) in one block always cancel: Z_2^k has
+zero divisors). Wqᵀ·r per block is an exact integer below 2^32;
+U·(Wqᵀ·r) mod 2^k is one float64 GEMM of U's two limbs against its signed digits, every partial sum
+below 2^53 (exact). Embedding rows (plain mode) are compared with the client's own table, exactly.
 
 A failed check raises IntegrityError naming the call and the size of the discrepancy; the
 client stops at once and sends nothing further. A check cannot make a wrong server right.
@@ -27,6 +45,8 @@ client stops at once and sends nothing further. A check cannot make a wrong serv
 
 import math
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +56,34 @@ from protocol.errors import ModelMismatch, TSQPError
 from tee_client.masking import Csprng
 from tee_client.stats import current
 from tsqp.engine import Engine
-from tsqp.ring import FLOAT_EXACT_BITS, FixedWeight, RingSpec, fixed_weight, ring_linear
+from tsqp.ring import FLOAT_EXACT_BITS, RingSpec, fixed_weight
 
-BLOCK = 32  # output columns per check
+BLOCK = 32  # output columns per check: float16 and bfloat16 replies, the ring
+BLOCK_FLOAT32 = 2048  # float32 replies: whole rows up to this width (their rounding is 2^16 times finer)
 SIGMAS = 8.0  # tolerance in standard deviations of honest rounding
 RING_R_BITS = 8  # ring checks: r_j odd in [1, 2^8)
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 HALF = (torch.float16, torch.bfloat16)
 ACCUMULATE = 2.0**-24  # products accumulate in float32 (CPU, and CUDA's GEMMs for every dtype here)
+UNIFORM_BITS = 53  # signed_uniform: U[0,1) from 53 random bits, the sign from one more
 
 
 class IntegrityError(TSQPError):
     """A reply failed its check: the GPU host returned a wrong result."""
+
+
+@dataclass
+class Draw:
+    """One call's secrets: r per weight of the call, and the call's Wᵀ·r per block, stacked. Used once, then dropped."""
+
+    rs: list[Tensor]  # per weight (m_pad,): float32 ±(1 + U[0,1)), or int64 odd; 0 on the padding
+    blocks: list[int]  # per weight: columns per check
+    widths: list[int]  # per weight: m, its output width
+    v: Tensor  # (Σ m_pad/block, n): Σ_{j in block} r_j·w_j, float32, or int64 (ring: exact, |v| < 2^32)
+    spread: Tensor | None = None  # float: (Σ m_pad/block,) ‖r∘‖w‖‖ per block, so ‖r∘(x·Wᵀ)‖ ≤ ‖x‖·spread
+    bias_sums: Tensor | None = None  # float, weights with a bias: (Σ m_pad/block,) Σ_{j in block} r_j·b_j
+    bias_norms: Tensor | None = None  # and ‖r∘b‖ per block
+    digits: tuple | None = None  # ring: (limb bits h, ring_digits(v, h)), made once h is known
 
 
 class Verifier:
@@ -55,8 +91,16 @@ class Verifier:
 
     def __init__(self, engine: Engine, rng: Csprng | None = None):
         self.engine, self.rng = engine, rng or Csprng()
-        self.fixed: dict = {}  # module key -> FixedWeight, for ring checks
-        self.weights: dict = {}  # weight storage -> (float32 padded, row norms), for float checks
+        self.fixed: dict = {}  # module key -> Wq (m_pad, n) float64, for ring checks
+        self.weights: dict = {}  # module key -> (float32 W padded to whole blocks, squared row norms)
+        self.ready: dict = {}  # (kind, module keys of a call) -> Draw for the coming forward; take() removes it
+        self.wanted: set = set()  # (kind, module keys) checked since the last prepare(): what the next one draws
+        self.plan: set = set()  # what the last prepare() drew for
+        self.pool = torch.empty(0)  # ±(1 + U[0,1)) drawn ahead for the Matmul checks; each value serves once
+        self.pool_used = 0  # values the Matmul checks took since the last prepare(): what the next one draws
+        self.pool_size = 0
+        self.limb_bits: int | None = None  # the otp ring's limb width, once a ring reply was seen
+        self.threads = torch.get_num_threads()  # what the checks' few compute-bound products may use
         self.checks = 0
 
     def expect(self, spec) -> None:
@@ -68,10 +112,83 @@ class Verifier:
                 f"is {own.name} (fingerprint {own.fingerprint[:16]}); --verify needs the same model and --dtype"
             )
 
+    # ---- offline: before the prompt is known -----------------------------------------------------
+
+    def prepare(self, rows: int | None = None) -> None:
+        """Draw, for the coming forward, a fresh r and its Wᵀ·r for every call the last forward made, and as
+        many random values for the Matmul checks as it took.
+
+        What the last forward left unused is dropped, never used again. `rows` is not needed: a draw
+        serves any number of rows."""
+        plan = self.wanted or self.plan  # no call since the last prepare(): the same plan again
+        self.plan, self.wanted, self.ready = plan, set(), {}
+        for kind, keys in sorted(plan, key=str):
+            self.ready[kind, keys] = self.draw(kind, keys)
+        self.pool_size = self.pool_used or self.pool_size
+        self.pool, self.pool_used = self.signed_uniform(self.pool_size), 0
+
+    def take(self, kind: str, keys: tuple) -> Draw:
+        """This call's draw: the one prepared for it (removed, so it serves once) or a fresh one."""
+        self.wanted.add((kind, keys))
+        prepared = self.ready.pop((kind, keys), None)
+        return prepared if prepared is not None else self.draw(kind, keys)
+
+    def draw(self, kind: str, keys: tuple) -> Draw:
+        parts = [self.float_draw(key) if kind == "float" else self.ring_draw(key) for key in keys]
+        rs, vs = [p[0] for p in parts], [p[1] for p in parts]
+        blocks = [self.block(key) if kind == "float" else BLOCK for key in keys]
+        widths = [self.weight(key).shape[0] for key in keys]
+        draw = Draw(rs, blocks, widths, torch.cat(vs) if len(vs) > 1 else vs[0])
+        if kind == "ring" and self.limb_bits is not None:
+            draw.digits = self.limb_bits, ring_digits(draw.v, self.limb_bits)
+        if kind == "float":
+            draw.spread = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
+        biases = [self.bias(key) for key in keys] if kind == "float" else [None]
+        if any(b is not None for b in biases):
+            sums, norms = [], []
+            for b, r, block in zip(biases, rs, blocks, strict=True):
+                zero = r.new_zeros(r.shape[0] // block)
+                s, n = block_dot_and_norms(b.float(), r, block) if b is not None else (zero, zero)
+                sums.append(s), norms.append(n)
+            draw.bias_sums, draw.bias_norms = torch.cat(sums), torch.cat(norms)
+        return draw
+
+    def float_draw(self, key) -> tuple[Tensor, Tensor, Tensor]:
+        """r for one weight, Wᵀ·r per block, and ‖r∘‖w‖‖ per block."""
+        w, norms_sq = self.float_weight(key)  # (m_pad, n), (m_pad,)
+        block = self.block(key)
+        r = pad_rows(self.signed_uniform(self.weight(key).shape[0]), w.shape[0])
+        v = torch.bmm(r.view(-1, 1, block), w.view(-1, block, w.shape[1])).squeeze(1)
+        return r, v, (norms_sq * r.square()).view(-1, block).sum(-1).sqrt()
+
+    def ring_draw(self, key) -> tuple[Tensor, Tensor]:
+        """r for one weight (odd, uniform below 2^RING_R_BITS) and Wqᵀ·r per block, exactly."""
+        wq = self.fixed_weight(key)  # (m_pad, n) float64 integers, |wq| < 2^19
+        r = pad_rows(self.rng.ring((self.weight(key).shape[0],), RING_R_BITS) | 1, wq.shape[0])  # odd; padding 0
+        # exact: every partial sum is an integer below BLOCK·2^RING_R_BITS·2^19 = 2^32
+        v = torch.bmm(r.double().view(-1, 1, BLOCK), wq.view(-1, BLOCK, wq.shape[1])).squeeze(1)
+        return r, v.long()
+
+    def signed_uniform(self, m: int) -> Tensor:
+        """m values ±(1 + U[0,1)), float32, from the CSPRNG: 53 random bits for U, one more for the sign."""
+        words = self.rng.ring((m,), UNIFORM_BITS + 1)
+        sign = (words >> UNIFORM_BITS) * 2 - 1
+        return (sign * (1 + (words & ((1 << UNIFORM_BITS) - 1)).double() * 2.0**-UNIFORM_BITS)).float()
+
+    def matmul_r(self, m: int, block: int) -> Tensor:
+        """A Matmul check's r: the next m values of the pool drawn in prepare() (never handed out twice), or fresh
+        ones if the pool is spent; zero on the padding up to whole blocks."""
+        at, self.pool_used = self.pool_used, self.pool_used + m
+        r = self.pool[at : at + m] if at + m <= self.pool.shape[0] else self.signed_uniform(m)
+        return pad_rows(r, -(-m // block) * block)
+
+    # ---- online: one check per reply -------------------------------------------------------------
+
     def timed_check(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
         """check(), timed into the recording Stats (timing.verify_ms, verify_checks)."""
         t0, before = time.perf_counter_ns(), self.checks
-        self.check(method, args, sent, received)
+        with self.serial():
+            self.check(method, args, sent, received)
         if (stats := current()) is not None:
             stats.crypto_ns["verify"] += time.perf_counter_ns() - t0
             stats.verify_checks += self.checks - before
@@ -80,24 +197,23 @@ class Verifier:
         if method == "Embedding":
             self.embedding(sent[0], received[0])
         elif method == "Linear":
-            for name, y in zip(args["names"], received, strict=True):
-                m = self.engine.module(args["layer"], name)
-                bias = m.bias if args.get("bias", True) else None
-                self.linear(f"Linear layer {args['layer']} {name}", sent[0], y, m.weight, bias)
+            layer, names = args["layer"], args["names"]
+            labels = [f"Linear layer {layer} {name}" for name in names]
+            self.linear(labels, tuple((layer, n) for n in names), sent[0], received, args.get("bias", True))
         elif method == "LMHead":
-            self.linear("LMHead", sent[0], received[0], self.engine.lm_head_weight, None)
+            self.linear(["LMHead"], ("lm_head",), sent[0], received, False)
         elif method == "Matmul":
             self.matmul(sent[0], sent[1], args.get("transpose_b", False), received[0])
         elif method == "LMHeadRing":
             spec = RingSpec(args["ring_bits"], args["limb_bits"])
-            self.ring("LMHeadRing", sent[0], received[0], "lm_head", self.engine.lm_head_weight, spec)
+            self.ring(["LMHeadRing"], ("lm_head",), sent[0], received, spec)
         elif method == "LinearRing":
             spec = RingSpec(args["ring_bits"], args["limb_bits"])
-            for name, y in zip(args["names"], received, strict=True):
-                key, w = (args["layer"], name), self.engine.module(args["layer"], name).weight
-                self.ring(f"LinearRing layer {args['layer']} {name}", sent[0], y, key, w, spec)
-
-    # ---- the checks ------------------------------------------------------------------------------
+            layer, names = args["layer"], args["names"]
+            labels = [f"LinearRing layer {layer} {name}" for name in names]
+            self.ring(labels, tuple((layer, n) for n in names), sent[0], received, spec)
+        else:  # a reply no check covers must not pass as checked
+            raise IntegrityError(f"{method}: --verify has no check for this reply")
 
     def embedding(self, ids: Tensor, rows: Tensor) -> None:
         expected = F.embedding(ids.to(torch.int64), self.engine.embed).to(rows.dtype)
@@ -106,95 +222,183 @@ class Verifier:
             worst = (rows.double() - expected.double()).abs().max().item()
             raise IntegrityError(f"Embedding rows differ from this client's own table (by up to {worst:.3g})")
 
-    def linear(self, what: str, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-        """Y (T, m) against X (T, n)·Wᵀ + b, block by block, in float32: one pass over W and one over Y."""
-        x_tn, y_tm = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
-        w, w_norms = self.float_weight(weight)  # (m_pad, n), ‖w_j‖ (m_pad,)
-        r = self.float_r(y_tm.shape[-1])  # (m_pad,)
-        v = torch.bmm(r.view(-1, 1, BLOCK), w.view(-1, BLOCK, w.shape[1])).squeeze(1)  # (m/B, n): Wᵀr per block
-        expected = x_tn @ v.T
-        if bias is not None:
-            expected += block_sums(bias.float(), r)
-        bound = x_tn.norm(dim=1, keepdim=True) * block_sums(w_norms.square(), r.square()).sqrt()  # ≥ ‖r∘y‖
-        self.compare(what, y_tm, r, expected, y.dtype, ACCUMULATE * math.sqrt(x_tn.shape[-1]) * bound, bound)
-
-    def float_weight(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """The weight in float32, padded to whole blocks, and its row norms: made once per module."""
-        key = weight.data_ptr()
-        if key not in self.weights:
-            w = pad_rows(weight.detach().float(), -(-weight.shape[0] // BLOCK) * BLOCK)
-            self.weights[key] = w, w.norm(dim=1)
-        return self.weights[key]
+    def linear(self, labels: list[str], keys: tuple, x: Tensor, ys: list[Tensor], bias: bool) -> None:
+        """Each Y_i (T, m_i) against X (T, n)·W_iᵀ + b_i, block by block, in float32: one GEMM of X against
+        the call's stacked W_iᵀ·r_i, one pass over each Y_i."""
+        x_tn = x.reshape(-1, x.shape[-1]).float()
+        draw = self.take("float", keys)
+        rows = fitting(labels, draw.widths, x_tn.shape[0], ys)
+        expected = x_tn @ draw.v.T  # (T, Σ m_i/block)
+        bound = torch.linalg.vector_norm(x_tn, dim=1, keepdim=True) * draw.spread  # ≥ ‖r∘(x·Wᵀ)‖ per block
+        if bias and draw.bias_sums is not None:
+            expected += draw.bias_sums
+            bound += draw.bias_norms  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
+        self.compare(labels, rows, draw.rs, draw.blocks, expected, bound, x_tn.shape[-1], ys[0].dtype)
 
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool, c: Tensor) -> None:
         """C (…, S, cols) against A·(B·r), block by block."""
         b = b.transpose(-1, -2) if transpose_b else b  # (…, inner, cols)
-        r, b, dtype, c = self.float_r(c.shape[-1]), b.float(), c.dtype, c.float()
-        expected = a.float() @ block_sums(b, r)  # (…, S, cols/B)
-        col_norms = block_sums(b.square().sum(-2, keepdim=True), r.square()).sqrt()  # ‖r∘‖b_col‖‖ per block
-        bound = a.float().norm(dim=-1, keepdim=True) * col_norms  # ≥ ‖r∘c‖ per block (Cauchy–Schwarz)
-        self.compare("Matmul", c, r, expected, dtype, ACCUMULATE * math.sqrt(a.shape[-1]) * bound, bound)
+        a, b, block = a.float(), b.float(), self.block_of(c.dtype, c.shape[-1])
+        r = self.matmul_r(c.shape[-1], block)  # (cols_pad,)
+        z = (pad_last(b, r.shape[0]) * r).unflatten(-1, (-1, block))  # (…, inner, cols_pad/block, block)
+        bs = z.sum(-1)  # (…, inner, cols_pad/block): B·r per block
+        spread = torch.linalg.vector_norm(z, dim=(-3, -1)).unsqueeze(-2)  # (…, 1, cols_pad/block): ‖r∘‖b_col‖‖
+        expected = (bs.mT @ a.mT).mT  # = A·bs; this order runs 4-5x faster for narrow bs on the CPU
+        bound = torch.linalg.vector_norm(a, dim=-1, keepdim=True) * spread  # ≥ ‖r∘c‖ per block (Cauchy–Schwarz)
+        self.compare(["Matmul"], [c], [r], [block], expected, bound, a.shape[-1], c.dtype)
 
-    def ring(self, what: str, u: Tensor, y: Tensor, key, weight: Tensor, spec: RingSpec) -> None:
+    def compare(self, labels, ys, rs, blocks, expected: Tensor, bound: Tensor, inner: int, dtype) -> None:
+        """Fail unless every block sum of y∘r is within SIGMAS standard deviations of honest rounding.
+
+        ys[i] with secret rs[i] in blocks of blocks[i] owns the next rs[i].shape[-1]/blocks[i] columns of `expected`
+        and `bound`. bound:
+        an upper bound of ‖r∘y‖ per block from the inputs (Cauchy–Schwarz). The standard deviation is
+        2·ACCUMULATE·√inner·bound (the server's float32 accumulation and ours) plus the output's rounding,
+        u/√3·‖r∘y‖: float32 outputs take the bound for ‖r∘y‖, which costs no pass over y; float16 and bfloat16
+        need the exact ‖r∘y‖.
+        """
+        half = dtype in HALF
+        if half:
+            parts = [block_dot_and_norms(y.float(), r, block) for y, r, block in zip(ys, rs, blocks, strict=True)]
+            got = torch.cat([p[0] for p in parts], dim=-1) if len(parts) > 1 else parts[0][0]
+        else:
+            sums = [block_dot(y.float(), r, block) for y, r, block in zip(ys, rs, blocks, strict=True)]
+            got = torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0]
+        if got.shape != expected.shape:
+            raise IntegrityError(f"{labels[0]}: reply of shape {tuple(ys[0].shape)} does not fit its operands")
+        self.checks += got.numel()
+        accumulate, rounding = SIGMAS * 2 * ACCUMULATE * math.sqrt(inner), SIGMAS * UNIT_ROUNDOFF[dtype] / math.sqrt(3)
+        if half:
+            spread = torch.cat([p[1] for p in parts], dim=-1) if len(parts) > 1 else parts[0][1]
+            tolerance = accumulate * bound + rounding * spread
+        else:
+            tolerance = (accumulate + rounding) * bound
+        gap = (got - expected).abs_()
+        if bool((gap <= tolerance).all()):  # NaN and inf fail: a reply cannot hide behind them
+            return
+        fails = ~(gap <= tolerance)
+        excess = torch.where(fails, (gap - tolerance).nan_to_num(nan=float("inf")), -float("inf"))
+        worst = int(torch.argmax(excess.flatten()))
+        edges = torch.tensor([r.shape[-1] // block for r, block in zip(rs, blocks, strict=True)]).cumsum(0)
+        what = labels[int((edges <= worst % got.shape[-1]).sum())]
+        raise IntegrityError(
+            f"{what}: reply fails its check by {gap.flatten()[worst].item():.4g} "
+            f"(tolerance {tolerance.flatten()[worst].item():.3g}; {int(fails.sum())} of "
+            f"{got.numel()} checks fail)"
+        )
+
+    def ring(self, labels: list[str], keys: tuple, u: Tensor, ys: list[Tensor], spec: RingSpec) -> None:
         """Exactly in Z_2^k: Y_u·r ≡ U·(Wqᵀ·r) per block, r odd (a unit), drawn for this call."""
-        if key not in self.fixed:
-            self.fixed[key] = fixed_weight(weight)
-        wq = self.fixed[key].wq  # (m, n) float64 integers, |wq| < 2^19
-        k, u_tn, y_tm = spec.ring_bits, u.reshape(-1, u.shape[-1]), y.reshape(-1, y.shape[-1])
-        m = y_tm.shape[-1]
-        r = pad_rows(self.rng.ring((m,), RING_R_BITS) | 1, -(-m // BLOCK) * BLOCK, value=0)  # odd; padding 0
-        v = (pad_rows(wq, r.shape[0]) * r[:, None].double()).view(-1, BLOCK, wq.shape[1]).sum(1)  # exact: < 2^52
-        expected = ring_product_wide(u_tn, v.long(), spec)
-        got = ring_block_sums(y_tm, r, k)
+        k, u_tn = spec.ring_bits, u.reshape(-1, u.shape[-1])
+        self.limb_bits = spec.limb_bits
+        draw = self.take("ring", keys)
+        rows = fitting(labels, draw.widths, u_tn.shape[0], ys)
+        if draw.digits is None or draw.digits[0] != spec.limb_bits:
+            draw.digits = spec.limb_bits, ring_digits(draw.v, spec.limb_bits)
+        digits, c = draw.digits[1]
+        with self.parallel():  # the one product here that is compute-bound: the idle second core helps
+            g = ring_limbs(u_tn, spec) @ digits
+        expected = ring_combine(g, draw.v.shape[0], spec, c)  # (T, Σ m_i/BLOCK)
+        sums = [ring_block_sums(y, r, k) for y, r in zip(rows, draw.rs, strict=True)]
+        got = torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0]
         self.checks += got.numel()
         bad = got != expected
         if bad.any():
             gap = (got - expected) & ((1 << k) - 1)
-            gap = torch.where(gap >= 1 << (k - 1), (1 << k) - gap, gap)[bad].max().item()  # |centred difference|
+            gap = torch.where(gap >= 1 << (k - 1), (1 << k) - gap, gap)  # |centred difference|
+            worst = int(torch.argmax(torch.where(bad, gap, -1).flatten()))
+            edges = torch.tensor([r.shape[0] // BLOCK for r in draw.rs]).cumsum(0)
+            what = labels[int((edges <= worst % got.shape[-1]).sum())]
             raise IntegrityError(
-                f"{what}: reply fails its check in Z_2^{k}, off by 2^{math.log2(gap):.1f} "
+                f"{what}: reply fails its check in Z_2^{k}, off by 2^{math.log2(gap.flatten()[worst].item()):.1f} "
                 f"({int(bad.sum())} of {bad.numel()} checks fail)"
             )
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    def float_r(self, m: int) -> Tensor:
-        """±(1 + U[0,1)) per column, zero on the padding up to whole blocks; float32."""
-        sign = self.rng.ring((m,), 1) * 2 - 1
-        r = (sign * (1 + self.rng.uniform((m,)))).float()
-        return pad_rows(r, -(-m // BLOCK) * BLOCK)
+    @contextmanager
+    def serial(self):
+        """One thread: nearly every step of a check is a pass over memory, and waking the other (passive)
+        OpenMP thread for each one cost more than it gave (about a fifth of the checks' time here)."""
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
 
-    def compare(self, what: str, y: Tensor, r: Tensor, expected: Tensor, dtype, accumulate: Tensor, bound: Tensor):
-        """Fail unless every block sum of y∘r is within SIGMAS standard deviations of honest rounding.
+    @contextmanager
+    def parallel(self):
+        """The threads the caller had, for a compute-bound product inside serial()."""
+        serial = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(serial)
 
-        accumulate: one side's float32 accumulation error (ours adds as much again); bound: an
-        upper bound of ‖r∘y‖ from the inputs (Cauchy–Schwarz), which float32 outputs use for their
-        own rounding, since it costs no pass over y; float16 and bfloat16 need the exact ‖r∘y‖.
-        """
-        got, spread = block_sums_and_norms(y, r) if dtype in HALF else (block_sums(y, r), bound)
-        sigma = 2 * accumulate + UNIT_ROUNDOFF[dtype] / math.sqrt(3) * spread
-        self.checks += got.numel()
-        gap = (got - expected).abs()
-        fails = ~(gap <= SIGMAS * sigma + 1e-30)  # NaN and inf fail too: a reply cannot hide behind them
-        if fails.any():
-            excess = torch.where(fails, (gap - SIGMAS * sigma).nan_to_num(nan=float("inf")), -float("inf"))
-            worst = int(torch.argmax(excess.flatten()))
-            raise IntegrityError(
-                f"{what}: reply fails its check by {gap.flatten()[worst].item():.4g} "
-                f"(tolerance {SIGMAS * sigma.flatten()[worst].item():.3g}; {int(fails.sum())} of "
-                f"{got.numel()} checks fail)"
-            )
+    def weight(self, key) -> Tensor:
+        return self.engine.lm_head_weight if key == "lm_head" else self.engine.module(*key).weight
+
+    def bias(self, key) -> Tensor | None:
+        return None if key == "lm_head" else self.engine.module(*key).bias
+
+    def block(self, key) -> int:
+        """Columns per check for this weight's float replies (its dtype is the server's: same fingerprint)."""
+        weight = self.weight(key)
+        return self.block_of(weight.dtype, weight.shape[0])
+
+    @staticmethod
+    def block_of(dtype, cols: int) -> int:
+        """float32: the whole row, or equal blocks of at most BLOCK_FLOAT32 columns; otherwise BLOCK."""
+        if dtype != torch.float32:
+            return BLOCK
+        return -(-cols // -(-cols // BLOCK_FLOAT32))
+
+    def float_weight(self, key) -> tuple[Tensor, Tensor]:
+        """The weight in float32, padded to whole blocks, and its squared row norms: made once per module."""
+        if key not in self.weights:
+            weight, block = self.weight(key), self.block(key)
+            w = pad_rows(weight.detach().float(), -(-weight.shape[0] // block) * block)
+            self.weights[key] = w, w.square().sum(1)
+        return self.weights[key]
+
+    def fixed_weight(self, key) -> Tensor:
+        """Wq in float64, padded to whole blocks: made once per module."""
+        if key not in self.fixed:
+            wq = fixed_weight(self.weight(key)).wq.cpu()
+            self.fixed[key] = pad_rows(wq, -(-wq.shape[0] // BLOCK) * BLOCK)
+        return self.fixed[key]
 
 
-def block_sums_and_norms(t: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+def fitting(labels: list[str], widths: list[int], rows: int, ys: list[Tensor]) -> list[Tensor]:
+    """The results as (rows, m) matrices, one per weight of the call, m its output width; anything else fails."""
+    if len(ys) != len(widths):
+        raise IntegrityError(f"{labels[0]}: {len(ys)} results for {len(widths)} modules")
+    for label, width, y in zip(labels, widths, ys, strict=True):
+        if y.dim() == 0 or y.shape[-1] != width or y.numel() != rows * width:
+            raise IntegrityError(f"{label}: reply of shape {tuple(y.shape)} does not fit its operands")
+    return [y.reshape(rows, y.shape[-1]) for y in ys]
+
+
+def block_dot_and_norms(t: Tensor, r: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """Per block: Σ t_j·r_j (the check) and ‖t∘r‖ (how far honest rounding of t can move it)."""
-    z = (pad_last(t, r.shape[0]) * r).unflatten(-1, (-1, BLOCK))
+    z = (pad_last(t, r.shape[-1]) * r).unflatten(-1, (-1, block))
     return z.sum(-1), torch.linalg.vector_norm(z, dim=-1)
 
 
-def block_sums(t: Tensor, r: Tensor) -> Tensor:
-    """Σ_j t[..., j]·r_j over each block of BLOCK columns: (..., cols) -> (..., cols/BLOCK)."""
-    return (pad_last(t, r.shape[0]) * r).unflatten(-1, (-1, BLOCK)).sum(-1)
+def block_dot(t: Tensor, r: Tensor, block: int) -> Tensor:
+    """Σ_j t[..., j]·r_j over each block of `block` columns: (..., cols) -> (..., cols_pad/block).
+
+    Blocks of float32 rows are matrix-vector products, one read of t and no temporary; narrow ones (float16,
+    bfloat16) a product and a sum."""
+    if block == t.shape[-1] == r.shape[-1]:
+        return torch.matmul(t, r).unsqueeze(-1)
+    if block < BLOCK_FLOAT32 // 8:
+        return (pad_last(t, r.shape[-1]) * r).unflatten(-1, (-1, block)).sum(-1)
+    rows = t.reshape(-1, t.shape[-1])
+    sums = [rows[:, i : i + block] @ r[i : min(i + block, t.shape[-1])] for i in range(0, r.shape[-1], block)]
+    return torch.stack(sums, -1).view(*t.shape[:-1], -1)
 
 
 def pad_rows(t: Tensor, rows: int, value: float = 0) -> Tensor:
@@ -206,28 +410,67 @@ def pad_last(t: Tensor, cols: int) -> Tensor:
 
 
 def shift_mod(x: Tensor, s: int, k: int) -> Tensor:
-    """x·2^s mod 2^k for x in [0, 2^k), without overflowing int64."""
+    """x·2^s mod 2^k for any int64 x (read as its residue mod 2^k), without overflowing int64."""
     return ((x & ((1 << (k - s)) - 1)) << s) if s < k else torch.zeros_like(x)
 
 
 def ring_block_sums(y_tm: Tensor, r: Tensor, k: int) -> Tensor:
-    """Σ_block y_j·r_j mod 2^k, exact in int64: y split in two limbs so no product overflows."""
-    mask, half = (1 << k) - 1, k // 2
+    """Σ_block y_j·r_j mod 2^k, exact in int64 (any int64 y is read as its residue mod 2^k).
+
+    y < 2^k and r < 2^RING_R_BITS, BLOCK terms: when k + RING_R_BITS + log2(BLOCK) ≤ 63 every sum is below
+    2^63 and one pass does; otherwise y is cut in two limbs so that no product overflows."""
+    mask = (1 << k) - 1
     y = pad_last(y_tm & mask, r.shape[0])
+    if k + RING_R_BITS + (BLOCK - 1).bit_length() <= 63:
+        return (y * r).view(y.shape[0], -1, BLOCK).sum(-1) & mask
+    half = k // 2
     lo, hi = y & ((1 << half) - 1), y >> half  # < 2^31 each, times r < 2^8, BLOCK terms: < 2^44
     sums = [(limb * r).view(y.shape[0], -1, BLOCK).sum(-1) & mask for limb in (lo, hi)]
     return (sums[0] + shift_mod(sums[1], half, k)) & mask
 
 
-def ring_product_wide(u_tn: Tensor, v: Tensor, spec: RingSpec) -> Tensor:
-    """U·Vᵀ mod 2^k for integer V (rows, n) of any size: V's residues cut in base-2^c digits, each one
-    ring_linear. c = 53 - limb_bits - bit_length(n), so every digit row sums to < 2^(c + bit_length(n))
-    and ring_linear's exactness bound (limb_bits + l1_bits ≤ 53) holds by construction."""
-    k, mask = spec.ring_bits, (1 << spec.ring_bits) - 1
-    digit = FLOAT_EXACT_BITS - spec.limb_bits - u_tn.shape[-1].bit_length()
-    total = torch.zeros(u_tn.shape[0], v.shape[0], dtype=torch.int64)
-    for shift in range(0, k, digit):
-        part = (((v & mask) >> shift) & ((1 << digit) - 1)).double()
-        fw = FixedWeight(part, torch.zeros(part.shape[0], dtype=torch.int64), digit + u_tn.shape[-1].bit_length())
-        total = (total + shift_mod(ring_linear(u_tn, fw, spec), shift, k)) & mask
+def ring_product(u_tn: Tensor, v: Tensor, spec: RingSpec) -> Tensor:
+    """U·Vᵀ mod 2^k, exact, for any int64 U (read mod 2^k) and integer V (K, n) with |V| < 2^62.
+
+    U is cut in two limbs below 2^h (h = limb_bits), V in signed base-2^c digits with
+    c = 53 − h − bit_length(n): every partial sum of limb·digitᵀ is below 2^h·2^c·n ≤ 2^53, so one float64
+    GEMM of the stacked limbs against the stacked digits is exact, and the result is Σ G_ab·2^(a·h + b·c) mod 2^k.
+    """
+    digits, c = ring_digits(v, spec.limb_bits)
+    g = ring_limbs(u_tn, spec) @ digits
+    return ring_combine(g, v.shape[0], spec, c)
+
+
+def ring_digits(v: Tensor, h: int) -> tuple[Tensor, int]:
+    """V (K, n) as (n, digits·K) float64: unsigned base-2^c digits while the rest is too wide, the last signed
+    (|d| < 2^c), c = 53 − h − bit_length(n), so that limbs below 2^h times digits sum exactly over n terms."""
+    c = FLOAT_EXACT_BITS - h - v.shape[-1].bit_length()
+    if c < 1:
+        raise ValueError(f"no exact float64 product for limbs of {h} bits over {v.shape[-1]} terms")
+    digits, rest = [], v
+    while not bool((rest.abs() < 1 << c).all()):
+        digits.append(rest & ((1 << c) - 1))
+        rest = rest >> c  # arithmetic shift: rest·2^c + digit is the old rest
+    digits.append(rest)
+    return torch.cat(digits).T.double().contiguous(), c
+
+
+def ring_limbs(u_tn: Tensor, spec: RingSpec) -> Tensor:
+    """U (T, n), read mod 2^k, as (2T, n) float64: its low h bits, then its high k − h bits (each below 2^h)."""
+    k, h, rows = spec.ring_bits, spec.limb_bits, u_tn.shape[0]
+    limbs = torch.empty(2 * rows, u_tn.shape[-1], dtype=torch.float64)
+    limbs[:rows] = u_tn & ((1 << h) - 1)
+    limbs[rows:] = (u_tn >> h) & ((1 << (k - h)) - 1)
+    return limbs
+
+
+def ring_combine(g: Tensor, width: int, spec: RingSpec, c: int) -> Tensor:
+    """Σ_ab G_ab·2^(a·h + b·c) mod 2^k from the float64 product of ring_limbs and ring_digits (exact integers)."""
+    k, h, mask = spec.ring_bits, spec.limb_bits, (1 << spec.ring_bits) - 1
+    g, rows = g.long(), g.shape[0] // 2
+    total = torch.zeros(rows, width, dtype=torch.int64)
+    for a in range(2):
+        for b in range(g.shape[1] // width):
+            total += shift_mod(g[a * rows : (a + 1) * rows, b * width : (b + 1) * width], a * h + b * c, k)
+            total &= mask
     return total

@@ -1,13 +1,16 @@
-"""The Freivalds checks in-process: honest products pass in every dtype, one changed element fails."""
+"""The Freivalds checks in-process: honest products pass in every dtype, one changed element fails,
+and the secrets drawn ahead serve one call each and are new every forward."""
 
 import pytest
 import torch
 
 from tee_client.masking import Csprng
-from tee_client.verify import IntegrityError, Verifier
+from tee_client.verify import BLOCK, RING_R_BITS, IntegrityError, Verifier, ring_block_sums, ring_product
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
-from tsqp.ring import fixed_weight, model_ring, ring_linear
+from tsqp.ring import RingSpec, fixed_weight, model_ring, ring_linear
+
+QKV = {"layer": 1, "names": ["q_proj", "k_proj", "v_proj"]}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def test_honest_linear_and_matmul_replies_pass_and_one_changed_element_fails(eng
     engine = engines[dtype]
     verifier = Verifier(Engine(engine.ckpt))
     x = activations(40, 64, dtype)
-    args = {"layer": 1, "names": ["q_proj", "k_proj", "v_proj"]}
+    x[3] = 0  # a row of zeros: its products are the biases alone
+    args = QKV
     ys = engine.linear(1, args["names"], x)
     for _ in range(20):  # honest: never fails, whatever r is drawn
         verifier.check("Linear", args, [x], ys)
@@ -77,3 +81,83 @@ def test_embedding_rows_must_equal_the_clients_own_table(engines):
     rows[0, 1, 2] += 1
     with pytest.raises(IntegrityError, match="Embedding"):
         verifier.check("Embedding", {}, [ids], [rows])
+
+
+def test_prepared_secrets_serve_one_call_each_and_are_new_every_forward(engines):
+    engine = engines[torch.float32]
+    verifier = Verifier(Engine(engine.ckpt))
+    x = activations(40, 64, torch.float32)
+    ys = engine.linear(1, QKV["names"], x)
+    a, b = activations(80, 16, torch.float32).view(2, 40, 16), activations(80, 16, torch.float32).view(2, 40, 16)
+    scores = engine.matmul(a, b, transpose_b=True)
+    verifier.check("Linear", QKV, [x], ys)  # the first forward: drawn on the spot
+    verifier.check("Matmul", {"transpose_b": True}, [a, b], [scores])
+    key = ("float", tuple((1, name) for name in QKV["names"]))
+    assert verifier.wanted == {key} and not verifier.ready
+
+    verifier.prepare(40)  # the next forward's: drawn ahead, one per call the last forward made
+    first = verifier.ready[key]
+    assert verifier.pool.shape == (scores.shape[-1],)
+    verifier.check("Linear", QKV, [x], ys)
+    assert key not in verifier.ready  # taken: it serves this one call
+    verifier.check("Linear", QKV, [x], ys)  # the same call again in this forward: a fresh draw, still checked
+    verifier.check("Matmul", {"transpose_b": True}, [a, b], [scores])
+    verifier.check("Matmul", {"transpose_b": True}, [a, b], [scores])  # past the pool: fresh values
+    assert verifier.pool_used == 2 * scores.shape[-1]
+
+    verifier.prepare(40)
+    second = verifier.ready[key]
+    assert all(not torch.equal(r1, r2) for r1, r2 in zip(first.rs, second.rs, strict=True))
+    verifier.prepare(40)  # what a forward left unused is dropped, never handed out again
+    assert verifier.ready[key] is not second
+    wrong = [y.clone() for y in ys]
+    wrong[2][7, 3] += wrong[2].square().mean().sqrt()
+    with pytest.raises(IntegrityError, match="Linear layer 1 v_proj"):  # a prepared secret catches it too
+        verifier.check("Linear", QKV, [x], wrong)
+
+
+def test_float32_replies_are_caught_at_a_twentieth_of_the_rms(engines):
+    engine = engines[torch.float32]
+    verifier = Verifier(Engine(engine.ckpt))
+    x = activations(40, 64, torch.float32)
+    args = {"layer": 0, "names": ["gate_proj", "up_proj"]}
+    for row in (0, 5, 39):
+        for module in range(2):
+            verifier.prepare(40)
+            ys = engine.linear(0, args["names"], x)
+            ys[module][row, 11] += ys[module][row].square().mean().sqrt() / 20
+            with pytest.raises(IntegrityError, match=f"Linear layer 0 {args['names'][module]}"):
+                verifier.check("Linear", args, [x], ys)
+
+
+def test_a_reply_that_does_not_fit_or_that_nothing_checks_fails_cleanly(engines):
+    engine = engines[torch.float32]
+    verifier = Verifier(Engine(engine.ckpt))
+    x = activations(8, 64, torch.float32)
+    ys = engine.linear(1, QKV["names"], x)
+    for wrong in ([ys[0][:, :-1], *ys[1:]], ys[:2], [ys[0][:-1], *ys[1:]]):
+        with pytest.raises(IntegrityError, match="Linear layer 1"):
+            verifier.check("Linear", QKV, [x], wrong)
+    with pytest.raises(IntegrityError, match="Residual: --verify has no check"):
+        verifier.check("Residual", {"layer": 0, "out": "o_proj", "names": ["gate_proj"]}, [x, x], ys[:1])
+
+
+@pytest.mark.parametrize("ring_bits, limb_bits, width", [(50, 25, 576), (62, 31, 64), (40, 20, 1536)])
+def test_ring_arithmetic_is_exact(ring_bits, limb_bits, width):
+    """U·Vᵀ mod 2^k and the block sums against Python's integers, for wide V (Wqᵀ·r) of either sign."""
+    rng, spec, mask = Csprng(), RingSpec(ring_bits, limb_bits), (1 << ring_bits) - 1
+    u = rng.ring((5, width), ring_bits)
+    u[0, 0] = -1  # any int64 is read as its residue
+    v = rng.ring((6, width), 33) - (1 << 32)  # |v| ≤ 2^32, what a block of 32 r_j < 2^8 times |Wq| < 2^19 reaches
+    want = [[sum(int(a) * int(b) for a, b in zip(row, col, strict=True)) & mask for col in v] for row in u]
+    assert ring_product(u, v, spec).tolist() == want
+    r = rng.ring((2 * BLOCK,), RING_R_BITS) | 1
+    y = rng.ring((3, 2 * BLOCK), 63)  # any int64: read mod 2^k
+    sums = [
+        [
+            sum((int(a) & mask) * int(b) for a, b in zip(row[i : i + BLOCK], r[i : i + BLOCK], strict=True)) & mask
+            for i in (0, BLOCK)
+        ]
+        for row in y
+    ]
+    assert ring_block_sums(y, r, ring_bits).tolist() == sums

@@ -84,7 +84,7 @@ def test_smollm2_at_512_tokens_passes_verify_on_float32_and_bfloat16(start_serve
         server = start_server("--dtype", dtype, name=f"{dtype}.ipc")
         (tmp_path / dtype).mkdir()
         result, _ = run_prefill_cli(server.endpoint, tmp_path / dtype, [prompt], 512, 1, "--verify", "--dtype", dtype)
-        assert result["verify_checks"] > 10**6
+        assert result["verify_checks"] >= 30 * 7 * 512  # at least one check per row of each layer's 7 projections
 
 
 def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
