@@ -78,6 +78,7 @@ class PrivateOps(Ops):
         """Draw the pads (and their products R·Wqᵀ) for one forward of `rows` tokens, `head_rows` of them through
         LMHead (default: all); each is used once. mix draws pads only for the calls too small to mix (fewer rows
         than a block: a decode step, the last rows LMHead gets); the others draw their matrices per call."""
+        self.inner.prepare(rows, head_rows)  # the inner ops' own offline phase (--verify's draws)
         head_rows = rows if head_rows is None else head_rows
         body = self.mode == "otp" or rows < self.mixer.block
         head = self.mode == "otp" or head_rows < self.mixer.block
