@@ -25,12 +25,13 @@ from tee_client.model import Llama
 from tee_client.ops import make_ops
 from tee_client.prefill import (
     check_length,
-    check_pinned,
     check_writable,
     context_length,
     encode_batch,
+    identity,
     prepare,
     read_prompts,
+    start,
 )
 from tee_client.settings import GenerateSettings
 from tee_client.stats import Stats
@@ -181,10 +182,7 @@ def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:
     seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     ops = make_ops(settings)
     try:
-        init_stats = Stats()
-        with init_stats.recording():
-            spec = ops.init()
-        check_pinned(spec, settings.model_fingerprint)
+        spec, init_stats = start(ops, settings)
         input_ids, attention_mask, lengths, _ = encode_batch(spec.tokenizer, prompts, batch_size)
         check_room(spec.config, batch_size, max(lengths), settings.max_new_tokens)
         run = generate(
@@ -221,15 +219,7 @@ def result_json(settings, spec, transport, prompts, lengths, seed, run: Generati
     per_token = np.array(decode.step_ns or [0]) / 1e6
     return {
         "mode": "generate",
-        "backend": settings.backend,
-        "endpoint": settings.gpu_endpoint if settings.backend == "remote" else None,
-        "transport": transport,
-        "privacy": None if settings.backend == "tee-only" else settings.privacy,
-        "verify": settings.verify and settings.backend != "tee-only",
-        "verify_checks": prefill.stats.verify_checks + decode.stats.verify_checks,
-        "model": spec.name,
-        "fingerprint": spec.fingerprint,
-        "dtype": str(spec.dtype).removeprefix("torch."),
+        **identity(settings, spec, transport, prefill.stats.verify_checks + decode.stats.verify_checks),
         "batch_size": len(lengths),
         "prompt_lengths": lengths,
         "max_new_tokens": settings.max_new_tokens,

@@ -99,10 +99,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
     batch_size = settings.tee_batch_size or len(prompts)
     ops = make_ops(settings)
     try:
-        init_stats = Stats()
-        with init_stats.recording():
-            spec = ops.init()
-        check_pinned(spec, settings.model_fingerprint)
+        spec, init_stats = start(ops, settings)
         check_length(spec.config, batch_size, settings.prefill_length)
         model = Llama(spec, ops)
         keep = settings.logits_kept
@@ -127,15 +124,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
     stats.methods.update(init_stats.methods)  # Init shows in `rpc`, outside the timed forward
     result = {
         "mode": "prefill",
-        "backend": settings.backend,
-        "endpoint": settings.gpu_endpoint if settings.backend == "remote" else None,
-        "transport": transport,
-        "privacy": None if settings.backend == "tee-only" else settings.privacy,
-        "verify": settings.verify and settings.backend != "tee-only",
-        "verify_checks": stats.verify_checks,
-        "model": spec.name,
-        "fingerprint": spec.fingerprint,
-        "dtype": str(spec.dtype).removeprefix("torch."),
+        **identity(settings, spec, transport, stats.verify_checks),
         "batch_size": batch_size,
         "prefill_length": settings.prefill_length,
         "actual_lengths": lengths,
@@ -149,6 +138,31 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         **stats.summary(int(elapsed * 1e9)),
     }
     return result, logits, input_ids, attention_mask
+
+
+def start(ops, settings) -> tuple:
+    """Init, recorded apart from any forward, and the pinned fingerprint checked: (ModelSpec, its Stats)."""
+    init_stats = Stats()
+    with init_stats.recording():
+        spec = ops.init()
+    check_pinned(spec, settings.model_fingerprint)
+    return spec, init_stats
+
+
+def identity(settings, spec, transport: str | None, verify_checks: int) -> dict:
+    """The result JSON's fields on where and how it ran, and on which model (prefill and generate alike)."""
+    in_process_only = settings.backend == "tee-only"
+    return {
+        "backend": settings.backend,
+        "endpoint": settings.gpu_endpoint if settings.backend == "remote" else None,
+        "transport": transport,
+        "privacy": None if in_process_only else settings.privacy,
+        "verify": settings.verify and not in_process_only,
+        "verify_checks": verify_checks,
+        "model": spec.name,
+        "fingerprint": spec.fingerprint,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+    }
 
 
 def check_pinned(spec, pinned: str | None) -> None:
