@@ -242,7 +242,11 @@ def test_fuzzed_requests_get_replies_and_leave_the_server_correct(checkpoints, s
 
 
 def test_replies_nobody_reads_do_not_pile_up_in_server_memory(checkpoints, start_server):
-    """A DEALER that sends and never reads: the server's memory for its replies stays bounded."""
+    """A DEALER that sends and never reads: the server's memory for its replies stays bounded.
+
+    Bounded, not zero: glibc keeps some freed 16 MiB results for reuse (its mmap threshold rises
+    to the largest freed block), 200-300 MB here whatever the count; 80 unread replies piled up
+    would be 1280 MB."""
     server = start_server("--model", str(checkpoints("gqa")))
     big = [{"dtype": "float32", "shape": [2048, 64]}, {"dtype": "float32", "shape": [64, 2048]}]
     frames = [bytes(2048 * 64 * 4)] * 2  # 1 MiB in, a 16 MiB result out
@@ -254,15 +258,15 @@ def test_replies_nobody_reads_do_not_pile_up_in_server_memory(checkpoints, start
         with RpcClient(server.endpoint, timeout_s=10) as rpc:
             rpc.call("Ping")
             before = rss_mb(server.proc.pid)
-            for i in range(40):
+            for i in range(80):
                 for specs, tensors in ((big, frames), (empty, [b"", b""])):
                     head = {"v": PROTOCOL_VERSION, "id": i, "method": "Matmul", "args": {}, "tensors": specs}
                     dealer.send_multipart([b"", msgpack.packb(head), *tensors])
             deadline = time.monotonic() + 60
-            while rpc.call("Ping")[0]["served"] < 82 and time.monotonic() < deadline:  # all 80 answered
+            while rpc.call("Ping")[0]["served"] < 162 and time.monotonic() < deadline:  # all 160 answered
                 time.sleep(0.1)
             grown = rss_mb(server.proc.pid) - before
-    assert grown < 200, f"server memory grew by {grown:.0f} MB for 40 unread 16 MiB replies"
+    assert grown < 480, f"server memory grew by {grown:.0f} MB for 80 unread 16 MiB replies"
     assert server.proc.poll() is None
 
 
