@@ -149,7 +149,10 @@ def add_run_flags(p: argparse.ArgumentParser, batch_help: str) -> None:
         metavar="K",
         help="tokens mixed together in --privacy mix (default 16)",
     )
-    add_model_flags(p, where=" for passthrough/tee-only, the privacy modes and --verify")
+    # the privacy modes and --verify load the client's own copy on the CPU: --device is for passthrough only
+    add_model_flags(
+        p, where=" for passthrough/tee-only, the privacy modes and --verify", device_where=" for passthrough"
+    )
     p.add_argument(
         "--timeout", dest="rpc_timeout", type=float, metavar="S", help="seconds to wait for one reply (default 30)"
     )

@@ -129,9 +129,9 @@ class PrivateOps(Ops):
             return self.mixer.unmix_all(ys, key)  # one mix, one tensor sent, one product per module
 
     def padded(self, method: str, args: dict, key, x: Tensor, weights: list) -> list[Tensor]:
-        spec = self.otp.spec
         if self.book is None:
             raise RuntimeError("no pads drawn for this forward: call prepare(rows) before each forward")
+        spec = self.otp.spec
         with crypto_timer("mask"):
             pad = self.book.take(key)  # raises if this forward already used it: a pad serves once
             u, x_exp = self.otp.mask(x, pad)

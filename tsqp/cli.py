@@ -73,7 +73,7 @@ def timeout_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_model_flags(p: argparse.ArgumentParser, where: str = "") -> None:
+def add_model_flags(p: argparse.ArgumentParser, where: str = "", device_where: str | None = None) -> None:
     """--model, --device, --dtype: the ModelSettings fields, for gpu-server and tee-client alike."""
     from tsqp.settings import DTypeName
 
@@ -87,7 +87,7 @@ def add_model_flags(p: argparse.ArgumentParser, where: str = "") -> None:
         "--device",
         dest="gpu_device",
         metavar="DEVICE",
-        help=f"cpu, cuda or cuda:N{where} (default: cuda when available, else cpu)",
+        help=f"cpu, cuda or cuda:N{where if device_where is None else device_where} (default: cuda if any, else cpu)",
     )
     p.add_argument(
         "--dtype", choices=typing.get_args(DTypeName), help=f"weights and wire dtype{where} (default float32)"
