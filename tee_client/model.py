@@ -39,10 +39,15 @@ class KVCache:
         self.lengths = torch.zeros(bsz, dtype=torch.int64)
 
     def update(self, layer: int, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, Hkv, 1, S, D) at positions input_pos (B, S); the cached K, V up to the furthest of them."""
-        rows = torch.arange(k.shape[0])[:, None].expand_as(input_pos)
-        self.k[layer][rows, :, :, input_pos] = k.permute(0, 3, 1, 2, 4)  # (B, S, Hkv, 1, D) under advanced indexing
-        self.v[layer][rows, :, :, input_pos] = v.permute(0, 3, 1, 2, 4)
+        """Store k, v (B, Hkv, 1, S, D) at positions input_pos: (S,) the same for every row, or (B, S) each row's
+        own; the cached K, V up to the furthest of them."""
+        if input_pos.dim() == 1:  # one copy along the sequence for the whole batch
+            self.k[layer].index_copy_(3, input_pos, k)
+            self.v[layer].index_copy_(3, input_pos, v)
+        else:
+            rows = torch.arange(k.shape[0])[:, None].expand_as(input_pos)
+            self.k[layer][rows, :, :, input_pos] = k.permute(0, 3, 1, 2, 4)  # (B, S, Hkv, 1, D) as indexed
+            self.v[layer][rows, :, :, input_pos] = v.permute(0, 3, 1, 2, 4)
         end = int(input_pos.max()) + 1
         return self.k[layer][..., :end, :], self.v[layer][..., :end, :]
 
@@ -59,9 +64,9 @@ class Pass:
     softmax scale), the additive mask over the keys they see, and, when generating, the cache and their positions."""
 
     rope: tuple[Tensor, Tensor, Tensor, Tensor]
-    mask: Tensor
+    mask: Tensor | None  # None: every token sees every key
     cache: KVCache | None = None
-    input_pos: Tensor | None = None  # (B, S)
+    input_pos: Tensor | None = None  # (S,) shared by every row, or (B, S): see KVCache.update
     local_attention: bool = False  # a decode step: attend to the cache here, not through ops
 
 
@@ -100,14 +105,16 @@ class Llama:
         cache.lengths = attention_mask.sum(dim=1)
         # each row's rope as if it were alone: for a sequence of its own length
         rope = self.rope(positions, cache.lengths)
-        step = Pass(rope, additive_mask(attention_mask), cache, positions)
+        step = Pass(rope, additive_mask(attention_mask), cache, positions[0])
         return self.run(input_ids, attention_mask, step, "last")[:, 0]
 
     @torch.inference_mode()
     def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """One generation step: tokens (B,) go at each row's next position; logits (B, vocab) for the token after."""
         pos = cache.lengths[:, None]  # (B, 1)
-        step = Pass(self.rope(pos, cache.lengths + 1), decode_mask(cache.lengths), cache, pos, local_attention=True)
+        mask = decode_mask(cache.lengths)  # None: all rows at one position, so nothing to hide
+        input_pos = pos if mask is not None else pos[0]
+        step = Pass(self.rope(pos, cache.lengths + 1), mask, cache, input_pos, local_attention=True)
         ids = tokens[:, None]
         logits = self.run_fused(ids, step) if self.fused_decode else self.run(ids, None, step, "all")
         cache.lengths = cache.lengths + 1
@@ -194,7 +201,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 @tee_op("rmsnorm")
 def rms_scale(x: Tensor, products: list[Tensor], eps: float) -> list[Tensor]:
     """RMSNorm's non-linear half, after the matmul: each product of (x ⊙ weight) times 1/rms(x) per row."""
-    scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    scale = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     return [y * scale for y in products]
 
 
@@ -205,11 +212,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @tee_op("softmax")
-def masked_softmax(scores: Tensor, scale: float, mask: Tensor) -> Tensor:
-    """Consumes `scores`: scaled, masked and normalised in place (no S x S buffer of its own), float32."""
+def masked_softmax(scores: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """Consumes `scores`: scaled, masked (unless mask is None) and normalised in place (no S x S buffer of its
+    own), float32."""
     if scale != 1.0:
         scores.mul_(scale)
-    return torch.softmax(scores.add_(mask), dim=-1, out=scores)
+    if mask is not None:
+        scores.add_(mask)
+    return torch.softmax(scores, dim=-1, out=scores)
 
 
 @tee_op("silu")
@@ -233,8 +243,12 @@ def additive_mask(attention_mask: Tensor) -> Tensor:
 
 
 @tee_op("mask")
-def decode_mask(positions: Tensor) -> Tensor:
-    """For one new token per row at positions (B,): 0 on the keys 0..position, float32 min past it, (B, 1, 1, 1, L)."""
+def decode_mask(positions: Tensor) -> Tensor | None:
+    """For one new token per row at positions (B,): 0 on the keys 0..position, float32 min past it, (B, 1, 1, 1, L);
+    None when every row is at the same position (each sees every key)."""
+    first = int(positions[0])
+    if bool((positions == first).all()):
+        return None
     keys = torch.arange(int(positions.max()) + 1)
     visible = keys[None, :] <= positions[:, None]
     mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill(~visible, torch.finfo(torch.float32).min)
@@ -243,8 +257,17 @@ def decode_mask(positions: Tensor) -> Tensor:
 
 @tee_op("attention")
 def attention_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """Q·Kᵀ or P·V here, in the TEE (a decode step, and every step of a privacy mode)."""
-    return a @ (b.transpose(-1, -2) if transpose_b else b)
+    """Q·Kᵀ or P·V here, in the TEE (a decode step, and every step of a privacy mode).
+
+    a (B, Hkv, rep, S, X) against b (B, Hkv, 1, ·, ·): the rep query heads that share a kv head are
+    folded into rows, one (rep·S, X) product per kv head, instead of a broadcast that copies b rep times.
+    """
+    b = b.transpose(-1, -2) if transpose_b else b
+    if a.dim() != 5 or b.shape[2] != 1:
+        return a @ b
+    bsz, n_kv, rep, seqlen, _ = a.shape
+    out = a.reshape(bsz, n_kv, rep * seqlen, -1) @ b.squeeze(2)
+    return out.view(bsz, n_kv, rep, seqlen, -1)
 
 
 @tee_op("rope_tables")
