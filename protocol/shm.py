@@ -98,10 +98,27 @@ class Area:
     """One side's window of a region: bounds-checked views of what the peer placed, and placement of its own."""
 
     def __init__(self, memory: torch.Tensor, start: int, size: int):
+        if start % ALIGN:
+            raise BadRequest(f"a shared-memory area must start at a multiple of {ALIGN} bytes, not {start}")
+        self.memory, self.start = memory, start  # uint8 over the whole mapping
         self.bytes = memory[start : start + size]  # uint8, shares the mapping
         self.size = size
         self.base = self.bytes.data_ptr()
         self.used = 0  # the writer's next free byte in this message
+        self.typed: dict[torch.dtype, torch.Tensor] = {}  # the whole mapping viewed as each dtype, made on first use
+
+    def at(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The C-contiguous tensor of `shape` whose bytes start `offset` (a multiple of ALIGN) bytes into this area,
+        already known to lie inside it: one as_strided over the mapping, not a slice and two views (every call
+        pays this, twice on each side)."""
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= max(d, 1)
+        if dtype not in self.typed:
+            whole = self.memory.numel() // dtype.itemsize * dtype.itemsize
+            self.typed[dtype] = self.memory[:whole].view(dtype)
+        return self.typed[dtype].as_strided(shape, strides[::-1], (self.start + offset) // dtype.itemsize)
 
     def reset(self) -> "Area":
         """Start a new message: the whole area is free again (the peer is done with the last one)."""
@@ -118,7 +135,7 @@ class Area:
         if nbytes == 0 or offset + nbytes > self.size:
             return None
         self.used = offset + nbytes
-        return self.bytes[offset : offset + nbytes].view(dtype).view(shape)
+        return self.at(offset, shape, dtype)
 
     def place(self, t: torch.Tensor) -> list[int] | None:
         """[offset, nbytes] of `t` here: where it already lies (a result written in place), else where
@@ -153,7 +170,7 @@ class Area:
             raise BadShape(f"shared-memory bytes [{offset}, {offset + nbytes}) lie outside the {self.size}-byte area")
         if nbytes == 0:
             raise BadShape("an empty tensor crosses as a frame, not in shared memory")
-        return self.bytes[offset : offset + nbytes].view(TORCH_DTYPES[spec.dtype]).view(spec.shape)
+        return self.at(offset, spec.shape, TORCH_DTYPES[spec.dtype])
 
 
 @dataclass(eq=False)

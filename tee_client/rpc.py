@@ -218,13 +218,14 @@ class RpcClient:
             if info.request_bytes > request_bytes or info.reply_bytes > reply_bytes:
                 raise BadRequest("the server made a larger region than asked for")
             segment = open_segment(self.shm_dir, info.name, info.request_bytes + info.reply_bytes)
+            region = ClientRegion(info.name, *segment.areas(info.request_bytes))
         except ServerUnavailable:
             raise  # nothing answers: that is the user's error, not shared memory's
         except (TSQPError, OSError, ValidationError, KeyError, TypeError):
             self.shm_offer = None  # no error to the user: every call goes on as frames
             return None
-        self.region = ClientRegion(info.name, *segment.areas(info.request_bytes))
-        return self.region
+        self.region = region
+        return region
 
     def detach(self) -> None:
         """Hand the region back (best effort, DETACH_MS at most); it is unmapped here once unused."""

@@ -82,6 +82,11 @@ def test_areas_place_tensors_aligned_and_views_check_every_offset():
         assert torch.equal(request.view(spec), t)
     result = reply.take([8, 8], torch.float32)
     assert reply.holds(result) and reply.place(result) == [0, 256]  # a result written in place is not copied
+    result.copy_(torch.randn(8, 8))
+    assert torch.equal(reply.view(TensorSpec(dtype="float32", shape=[8, 8], shm=[0, 256])), result)
+    assert result.data_ptr() == segment.memory.data_ptr() + MiB  # the reply area starts past the request area
+    with pytest.raises(BadRequest):
+        segment.areas(MiB + 8)  # an area must start aligned, or its tensors could not be viewed in place
     assert request.place(torch.zeros(MiB // 4 + 1)) is None  # does not fit: it crosses as a frame
     for lie in ([MiB, 4], [MiB - 64, 128], [1, 4], [0, 8]):
         with pytest.raises(BadShape):
