@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from protocol.errors import BadRequest, BadShape, TooLarge, UnknownModule
+from protocol.messages import MODULES
 from protocol.wire import DTYPE_NAMES, PROTOCOL_VERSION
 from tsqp.checkpoint import Checkpoint
 from tsqp.ring import RingSpec, fixed_weight, ring_linear
@@ -33,6 +34,16 @@ class Engine:
         self.device = self.embed.device
         self.max_result_bytes = max_result_bytes
         self.itemsize = self.embed.element_size()
+        # every linear module and RMSNorm weight by name, looked up once: a decode step makes 60 calls,
+        # and nn.Module attribute lookups were a fifth of a call's Python
+        self.linears = {
+            (i, name): getattr(block.self_attn if name in ATTENTION else block.mlp, name, None)
+            for i, block in enumerate(self.layers)
+            for name in MODULES
+        }
+        self.attention_norms = [block.input_layernorm.weight for block in self.layers]
+        self.ffn_norms = [block.post_attention_layernorm.weight for block in self.layers]
+        self.final_norm = ckpt.model.model.norm.weight
         self.fixed_weights: dict = {}  # (layer, name) or "lm_head" -> tsqp.ring.FixedWeight, for the otp mode
         self.allocate = None  # (shape, dtype) -> Tensor | None: where results go instead of fresh memory (`results_in`)
 
@@ -112,13 +123,13 @@ class Engine:
         """The RMSNorm weight after `out` and the weights of the modules it feeds (none may have a bias)."""
         n_layers = len(self.layers)
         if out == "o_proj":
-            allowed, norm = ("gate_proj", "up_proj"), self.layers[layer].post_attention_layernorm.weight
+            allowed, norm = ("gate_proj", "up_proj"), self.ffn_norms[layer]
             modules = [self.module(layer, n) for n in names if n in allowed]
         elif layer + 1 < n_layers:
-            allowed, norm = ("q_proj", "k_proj", "v_proj"), self.layers[layer + 1].input_layernorm.weight
+            allowed, norm = ("q_proj", "k_proj", "v_proj"), self.attention_norms[layer + 1]
             modules = [self.module(layer + 1, n) for n in names if n in allowed]
         else:
-            allowed, norm = ("lm_head",), self.model.model.norm.weight
+            allowed, norm = ("lm_head",), self.final_norm
             modules = [self.model.lm_head] if names == ["lm_head"] else []
         if len(modules) != len(names):
             raise UnknownModule(f"after layer {layer} {out} come {', '.join(allowed)}, not {', '.join(names)}")
@@ -200,8 +211,7 @@ class Engine:
     def module(self, layer: int, name: str) -> torch.nn.Linear:
         if not 0 <= layer < len(self.layers):
             raise UnknownModule(f"layer {layer} out of range: the model has {len(self.layers)} layers")
-        block = self.layers[layer].self_attn if name in ATTENTION else self.layers[layer].mlp
-        module = getattr(block, name, None)
+        module = self.linears.get((layer, name))
         if not isinstance(module, torch.nn.Linear):
             raise UnknownModule(f"layer {layer} has no linear module {name!r}")
         return module
