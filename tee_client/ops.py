@@ -43,7 +43,7 @@ class Ops:
         """The offline phase before a forward of `rows` tokens whose LMHead gets `head_rows` of them (default: all;
         one per sequence with --logits last and in generation): a privacy mode draws its pads here."""
         if self.verifier is not None:
-            self.verifier.prepare(rows)  # --verify: the next forward's secret r and Wᵀ·r, drawn ahead
+            self.verifier.prepare()  # --verify: the next forward's secret r and Wᵀ·r, drawn ahead
 
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.send("Init", {}, []))

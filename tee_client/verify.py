@@ -114,12 +114,11 @@ class Verifier:
 
     # ---- offline: before the prompt is known -----------------------------------------------------
 
-    def prepare(self, rows: int | None = None) -> None:
+    def prepare(self) -> None:
         """Draw, for the coming forward, a fresh r and its Wᵀ·r for every call the last forward made, and as
         many random values for the Matmul checks as it took.
 
-        What the last forward left unused is dropped, never used again. `rows` is not needed: a draw
-        serves any number of rows."""
+        What the last forward left unused is dropped, never used again. A draw serves any number of rows."""
         plan = self.wanted or self.plan  # no call since the last prepare(): the same plan again
         self.plan, self.wanted, self.ready = plan, set(), {}
         for kind, keys in sorted(plan, key=str):
@@ -295,10 +294,8 @@ class Verifier:
         rows = fitting(labels, draw.widths, u_tn.shape[0], ys)
         if draw.digits is None or draw.digits[0] != spec.limb_bits:
             draw.digits = spec.limb_bits, ring_digits(draw.v, spec.limb_bits)
-        digits, c = draw.digits[1]
         with self.parallel():  # the one product here that is compute-bound: the idle second core helps
-            g = ring_limbs(u_tn, spec) @ digits
-        expected = ring_combine(g, draw.v.shape[0], spec, c)  # (T, Σ m_i/BLOCK)
+            expected = ring_product(u_tn, draw.digits[1], draw.v.shape[0], spec)  # (T, Σ m_i/BLOCK)
         sums = [ring_block_sums(y, r, k) for y, r in zip(rows, draw.rs, strict=True)]
         got = torch.cat(sums, dim=-1) if len(sums) > 1 else sums[0]
         self.checks += got.numel()
@@ -429,16 +426,16 @@ def ring_block_sums(y_tm: Tensor, r: Tensor, k: int) -> Tensor:
     return (sums[0] + shift_mod(sums[1], half, k)) & mask
 
 
-def ring_product(u_tn: Tensor, v: Tensor, spec: RingSpec) -> Tensor:
-    """U·Vᵀ mod 2^k, exact, for any int64 U (read mod 2^k) and integer V (K, n) with |V| < 2^62.
+def ring_product(u_tn: Tensor, v_digits: tuple[Tensor, int], width: int, spec: RingSpec) -> Tensor:
+    """U·Vᵀ mod 2^k, exact, for any int64 U (read mod 2^k) and integer V (width, n) with |V| < 2^62, given as
+    ring_digits(V, limb_bits) (made once per draw, before the prompt is known).
 
     U is cut in two limbs below 2^h (h = limb_bits), V in signed base-2^c digits with
     c = 53 − h − bit_length(n): every partial sum of limb·digitᵀ is below 2^h·2^c·n ≤ 2^53, so one float64
     GEMM of the stacked limbs against the stacked digits is exact, and the result is Σ G_ab·2^(a·h + b·c) mod 2^k.
     """
-    digits, c = ring_digits(v, spec.limb_bits)
-    g = ring_limbs(u_tn, spec) @ digits
-    return ring_combine(g, v.shape[0], spec, c)
+    digits, c = v_digits
+    return ring_combine(ring_limbs(u_tn, spec) @ digits, width, spec, c)
 
 
 def ring_digits(v: Tensor, h: int) -> tuple[Tensor, int]:

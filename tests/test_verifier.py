@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tee_client.masking import Csprng
-from tee_client.verify import BLOCK, RING_R_BITS, IntegrityError, Verifier, ring_block_sums, ring_product
+from tee_client.verify import BLOCK, RING_R_BITS, IntegrityError, Verifier, ring_block_sums, ring_digits, ring_product
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
 from tsqp.ring import RingSpec, fixed_weight, model_ring, ring_linear
@@ -95,7 +95,7 @@ def test_prepared_secrets_serve_one_call_each_and_are_new_every_forward(engines)
     key = ("float", tuple((1, name) for name in QKV["names"]))
     assert verifier.wanted == {key} and not verifier.ready
 
-    verifier.prepare(40)  # the next forward's: drawn ahead, one per call the last forward made
+    verifier.prepare()  # the next forward's: drawn ahead, one per call the last forward made
     first = verifier.ready[key]
     assert verifier.pool.shape == (scores.shape[-1],)
     verifier.check("Linear", QKV, [x], ys)
@@ -105,10 +105,10 @@ def test_prepared_secrets_serve_one_call_each_and_are_new_every_forward(engines)
     verifier.check("Matmul", {"transpose_b": True}, [a, b], [scores])  # past the pool: fresh values
     assert verifier.pool_used == 2 * scores.shape[-1]
 
-    verifier.prepare(40)
+    verifier.prepare()
     second = verifier.ready[key]
     assert all(not torch.equal(r1, r2) for r1, r2 in zip(first.rs, second.rs, strict=True))
-    verifier.prepare(40)  # what a forward left unused is dropped, never handed out again
+    verifier.prepare()  # what a forward left unused is dropped, never handed out again
     assert verifier.ready[key] is not second
     wrong = [y.clone() for y in ys]
     wrong[2][7, 3] += wrong[2].square().mean().sqrt()
@@ -123,7 +123,7 @@ def test_float32_replies_are_caught_at_a_twentieth_of_the_rms(engines):
     args = {"layer": 0, "names": ["gate_proj", "up_proj"]}
     for row in (0, 5, 39):
         for module in range(2):
-            verifier.prepare(40)
+            verifier.prepare()
             ys = engine.linear(0, args["names"], x)
             ys[module][row, 11] += ys[module][row].square().mean().sqrt() / 20
             with pytest.raises(IntegrityError, match=f"Linear layer 0 {args['names'][module]}"):
@@ -150,7 +150,7 @@ def test_ring_arithmetic_is_exact(ring_bits, limb_bits, width):
     u[0, 0] = -1  # any int64 is read as its residue
     v = rng.ring((6, width), 33) - (1 << 32)  # |v| ≤ 2^32, what a block of 32 r_j < 2^8 times |Wq| < 2^19 reaches
     want = [[sum(int(a) * int(b) for a, b in zip(row, col, strict=True)) & mask for col in v] for row in u]
-    assert ring_product(u, v, spec).tolist() == want
+    assert ring_product(u, ring_digits(v, limb_bits), v.shape[0], spec).tolist() == want
     r = rng.ring((2 * BLOCK,), RING_R_BITS) | 1
     y = rng.ring((3, 2 * BLOCK), 63)  # any int64: read mod 2^k
     sums = [
