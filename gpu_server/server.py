@@ -69,9 +69,9 @@ class Server:
         if self.should_exit:
             log.info("stopping: a signal came while the model loaded")
             return
-        self.handler = Handler(
-            Engine(ckpt, s.max_result_bytes), s.max_message_bytes, self.record_dir(), fault, self.regions(device)
-        )
+        engine = Engine(ckpt, s.max_result_bytes)
+        engine.store_for_matvec()  # this process owns its copy of the model
+        self.handler = Handler(engine, s.max_message_bytes, self.record_dir(), fault, self.regions(device))
         self.socket = self.bind()
         print(
             f"gpu-server ready on {self.endpoint.url} (model {ckpt.name}, device {device}, dtype {s.dtype})",

@@ -175,3 +175,41 @@ def test_residual_is_the_residual_add_and_the_next_modules_on_the_normed_stream(
         scale = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + model.norm.variance_epsilon)
         want = handler.engine.model.lm_head(model.norm(x2))
         torch.testing.assert_close(logits * scale, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_stored_for_matvec_keep_their_values_and_results(checkpoints, dtype):
+    """gpu-server's layout (Engine.store_for_matvec): float32 weights with at least as many outputs as inputs
+    column-major, the others as they were, every value and every result unchanged; other dtypes untouched."""
+    folder = checkpoints("gqa")
+    plain = Engine(load_checkpoint(folder, dtype, torch.device("cpu")))
+    stored = Engine(load_checkpoint(folder, dtype, torch.device("cpu")))
+    stored.store_for_matvec()
+    wide = 0
+    for key, module in stored.linears.items():
+        if module is None:
+            continue
+        w = module.weight
+        column_major = w.shape[0] >= w.shape[1] and dtype == torch.float32
+        wide += column_major
+        assert w.t().is_contiguous() == column_major and w.is_contiguous() != column_major, key
+        assert torch.equal(w, plain.linears[key].weight), key
+    assert wide == (4 * len(stored.layers) if dtype == torch.float32 else 0)  # q, o, gate, up in each layer
+    assert stored.lm_head_weight.t().is_contiguous() == (dtype == torch.float32)
+    for rows in (1, 5):
+        x, m = torch.randn(rows, 64, dtype=dtype), torch.randn(rows, 112, dtype=dtype)
+        calls = [
+            ("Embedding", {}, [torch.arange(rows)]),
+            ("Linear", {"layer": 0, "names": ["q_proj", "k_proj", "v_proj"]}, [x]),
+            ("Linear", {"layer": 1, "names": ["gate_proj", "up_proj"]}, [x]),
+            ("Linear", {"layer": 1, "names": ["down_proj"]}, [m]),
+            ("Residual", {"layer": 0, "out": "o_proj", "names": ["gate_proj", "up_proj"]}, [x, x]),
+            ("LMHead", {}, [x]),
+        ]
+        for method, args, tensors in calls:
+            want, got = dispatch(plain, method, args, tensors)[1], dispatch(stored, method, args, tensors)[1]
+            for a, b in zip(got, want, strict=True):
+                if dtype == torch.float32:
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                else:
+                    assert torch.equal(a, b)  # untouched: the very same kernels
