@@ -4,10 +4,12 @@ Each placement generates --new-tokens greedy tokens (end-of-sequence ignored) af
 128, 512 and 1024 tokens, batch 1, float32: the split through tee-client's own generation loop
 (tee_client.generate.generate: KV cache in the client, one row per linear op per step), and
 transformers' LlamaForCausalLM.generate with its own KV cache, in this process, timed per token
-through its streamer hook. After --warmup untimed generations each, --runs rounds visit every
-placement once (interleaved, so drift on a shared host hits all alike). Per run: the median
-decode step (ms per new token) and the time to the first token; each point is the median over
-runs, with the spread of the per-run medians.
+through its streamer hook; and the same again with its weights laid out as gpu-server stores them
+(tsqp.engine.store_for_matvec: wide float32 weights column-major on the CPU), to show how much of the
+split's speed is that layout, not the split; the ratio column is against transformers as it comes.
+After --warmup untimed generations each, --runs rounds visit every placement once (interleaved, so
+drift on a shared host hits all alike). Per run: the median decode step (ms per new token) and the
+time to the first token; each point is the median over runs, with the spread of the per-run medians.
 """
 
 import argparse
@@ -32,11 +34,12 @@ from tee_client.ops import make_ops  # noqa: E402
 from tee_client.prefill import encode_batch  # noqa: E402
 from tee_client.settings import GenerateSettings  # noqa: E402
 from tsqp.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
+from tsqp.engine import store_for_matvec  # noqa: E402
 from tsqp.launch import ServerProcess  # noqa: E402
 
 PROMPT = "The capital of France is Paris. " * 200  # long enough to fill every context
 CONTEXTS = [128, 512, 1024]
-PLACEMENTS = ["split ipc", "split tcp", "transformers"]
+PLACEMENTS = ["split ipc", "split tcp", "transformers", "transformers, server's layout"]
 
 
 class TokenClock:
@@ -71,10 +74,15 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, new_t
         return run
 
     folder, _ = resolve_folder(embedded_model_path())
-    reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+
+    def transformers(layout: bool):
+        reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        if layout:
+            store_for_matvec(reference)
+        return lambda ids, mask: transformers_generate(reference, ids, mask)
 
     @torch.inference_mode()
-    def transformers_generate(ids, mask):
+    def transformers_generate(reference, ids, mask):
         clock = TokenClock()
         t0 = time.perf_counter_ns()
         reference.generate(
@@ -88,7 +96,12 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, new_t
         new = clock.times[1:]  # times[0]: the prompt itself
         return new[0] - t0, list(np.diff(new))
 
-    return {"split ipc": split(ipc), "split tcp": split(tcp), "transformers": transformers_generate}
+    return {
+        "split ipc": split(ipc),
+        "split tcp": split(tcp),
+        "transformers": transformers(False),
+        "transformers, server's layout": transformers(True),
+    }
 
 
 def measure(args) -> dict:

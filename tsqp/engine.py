@@ -48,21 +48,8 @@ class Engine:
         self.allocate = None  # (shape, dtype) -> Tensor | None: where results go instead of fresh memory (`results_in`)
 
     def store_for_matvec(self) -> None:
-        """gpu-server, float32 on the CPU: each weight with at least as many outputs as inputs (q_proj, o_proj,
-        gate_proj, up_proj, the LMHead) is stored column-major, in place, its values unchanged.
-
-        x·Wᵀ then runs as a plain (non-transposed) matrix-vector product over W's columns. On the 2-core EPYC
-        host that reads W at ~20 GB/s where MKL's transposed product over a row-major W reads ~11 GB/s: about
-        2x faster for a decode step's single row (the LMHead 11 → 5.7 ms, a 576x576 weight 0.23 → 0.11 ms), and
-        as fast for a prefill's GEMM. Narrower weights (k_proj, v_proj, down_proj) run faster row-major, and
-        float16 and bfloat16 run slower column-major (10-50x for float16): those stay as they are. A tied
-        embedding table shares the LMHead's layout; looking rows up in it stays cheap (1.7 ms for 512 rows)."""
-        if self.device.type != "cpu" or self.dtype != torch.float32:
-            return
-        weights = [m.weight for m in self.linears.values() if isinstance(m, torch.nn.Linear)] + [self.lm_head_weight]
-        for w in weights:
-            if w.shape[0] >= w.shape[1] and w.is_contiguous():
-                w.data = w.data.t().contiguous().t()
+        """gpu-server's layout of its weights (store_for_matvec, below): this process owns its copy of the model."""
+        store_for_matvec(self.model)
 
     # ---- what the model is -------------------------------------------------------------------
 
@@ -252,3 +239,21 @@ class Engine:
                 f"a result of {mib:.0f} MiB is over the server's cap of {cap:.0f} MiB (gpu-server --max-result-mb); "
                 "a shorter --length or a smaller --batch-size needs less"
             )
+
+
+def store_for_matvec(model: torch.nn.Module) -> None:
+    """Float32 on the CPU: each linear weight with at least as many outputs as inputs (q_proj, o_proj, gate_proj,
+    up_proj, the LMHead) stored column-major, in place, its values unchanged.
+
+    x·Wᵀ then runs as a plain (non-transposed) matrix-vector product over W's columns. On the 2-core EPYC host that
+    reads W at ~20 GB/s where MKL's transposed product over a row-major W reads ~11 GB/s: about 2x faster for a
+    decode step's single row (the LMHead 11 → 5.7 ms, a 576x576 weight 0.23 → 0.11 ms), and as fast for a
+    prefill's GEMM. Narrower weights (k_proj, v_proj, down_proj) run faster row-major, and float16 and bfloat16
+    run slower column-major (10-50x for float16): those stay as they are. A tied embedding table shares the
+    LMHead's layout; looking rows up in it stays cheap (1.7 ms for 512 rows)."""
+    for m in model.modules():
+        w = m.weight if isinstance(m, torch.nn.Linear) else None
+        if w is None or w.device.type != "cpu" or w.dtype != torch.float32:
+            continue
+        if w.shape[0] >= w.shape[1] and w.is_contiguous():
+            w.data = w.data.t().contiguous().t()
