@@ -217,6 +217,8 @@ class Verifier:
     def embedding(self, ids: Tensor, rows: Tensor) -> None:
         expected = F.embedding(ids.to(torch.int64), self.engine.embed).to(rows.dtype)
         self.checks += 1
+        if rows.shape != expected.shape:
+            raise IntegrityError(f"Embedding: reply of shape {tuple(rows.shape)} for ids of shape {tuple(ids.shape)}")
         if not torch.equal(rows, expected):
             worst = (rows.double() - expected.double()).abs().max().item()
             raise IntegrityError(f"Embedding rows differ from this client's own table (by up to {worst:.3g})")
@@ -237,6 +239,9 @@ class Verifier:
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool, c: Tensor) -> None:
         """C (…, S, cols) against A·(B·r), block by block."""
         b = b.transpose(-1, -2) if transpose_b else b  # (…, inner, cols)
+        fits = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
+        if tuple(c.shape) != fits:  # before any arithmetic: a short reply must fail as wrong, not as a crash
+            raise IntegrityError(f"Matmul: reply of shape {tuple(c.shape)} does not fit its operands {fits}")
         a, b, block = a.float(), b.float(), self.block_of(c.dtype, c.shape[-1])
         r = self.matmul_r(c.shape[-1], block)  # (cols_pad,)
         z = (pad_last(b, r.shape[0]) * r).unflatten(-1, (-1, block))  # (…, inner, cols_pad/block, block)

@@ -38,21 +38,27 @@ def test_honest_linear_and_matmul_replies_pass_and_one_changed_element_fails(eng
     ys = engine.linear(1, args["names"], x)
     for _ in range(20):  # honest: never fails, whatever r is drawn
         verifier.check("Linear", args, [x], ys)
-    a, b = activations(2 * 40, 16, dtype).view(2, 40, 16), activations(2 * 40, 16, dtype).view(2, 40, 16)
-    scores = engine.matmul(a, b, transpose_b=True)
-    verifier.check("Matmul", {"transpose_b": True}, [a, b], [scores])
+    # attention as a prefill sends it: 3 query heads per kv head, broadcast; 40 keys (not whole blocks of 32)
+    q, k, v = (activations(2 * n * 40, 16, dtype).view(1, 2, n, 40, 16) for n in (3, 1, 1))
+    scores = engine.matmul(q, k, transpose_b=True)
+    probs = torch.softmax(scores.float(), dim=-1).to(dtype)
+    out = engine.matmul(probs, v)
+    for _ in range(20):
+        verifier.check("Matmul", {"transpose_b": True}, [q, k], [scores])
+        verifier.check("Matmul", {}, [probs, v], [out])
 
     for what, (method, margs, sent, got) in {
         "Linear": ("Linear", args, [x], ys),
-        "Matmul": ("Matmul", {"transpose_b": True}, [a, b], [scores]),
+        "Matmul": ("Matmul", {"transpose_b": True}, [q, k], [scores]),
+        "Matmul ": ("Matmul", {}, [probs, v], [out]),  # P·V
     }.items():
         wrong = [t.clone() for t in got]
         flat = wrong[0].view(-1)
         flat[flat.numel() // 3] += flat.float().square().mean().sqrt().to(dtype)  # one element, by the RMS
-        with pytest.raises(IntegrityError, match=what):
+        with pytest.raises(IntegrityError, match=what.strip()):
             verifier.check(method, margs, sent, wrong)
         flat[flat.numel() // 3] = float("nan")  # a reply cannot hide behind NaN either
-        with pytest.raises(IntegrityError, match=what):
+        with pytest.raises(IntegrityError, match=what.strip()):
             verifier.check(method, margs, sent, wrong)
 
 
@@ -78,6 +84,9 @@ def test_embedding_rows_must_equal_the_clients_own_table(engines):
     ids = torch.tensor([[3, 9, 27]])
     rows = engine.embedding(ids)
     verifier.check("Embedding", {}, [ids], [rows])
+    for wrong in (rows[:, :2], rows[..., :-1]):  # a row short, a column short
+        with pytest.raises(IntegrityError, match="Embedding: reply of shape"):
+            verifier.check("Embedding", {}, [ids], [wrong])
     rows[0, 1, 2] += 1
     with pytest.raises(IntegrityError, match="Embedding"):
         verifier.check("Embedding", {}, [ids], [rows])
@@ -138,6 +147,11 @@ def test_a_reply_that_does_not_fit_or_that_nothing_checks_fails_cleanly(engines)
     for wrong in ([ys[0][:, :-1], *ys[1:]], ys[:2], [ys[0][:-1], *ys[1:]]):
         with pytest.raises(IntegrityError, match="Linear layer 1"):
             verifier.check("Linear", QKV, [x], wrong)
+    a, b = activations(80, 16, torch.float32).view(2, 40, 16), activations(80, 16, torch.float32).view(2, 40, 16)
+    scores = engine.matmul(a, b, transpose_b=True)
+    for wrong in (scores[:, :-1], scores[:, :, :-1], scores[:1], scores[..., None]):  # a row, a column, a head short
+        with pytest.raises(IntegrityError, match="Matmul: reply of shape"):
+            verifier.check("Matmul", {"transpose_b": True}, [a, b], [wrong])
     with pytest.raises(IntegrityError, match="Residual: --verify has no check"):
         verifier.check("Residual", {"layer": 0, "out": "o_proj", "names": ["gate_proj"]}, [x, x], ys[:1])
 
