@@ -43,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--inject-fault",
-        metavar="METHOD:N",
+        metavar="METHOD:N[:shape]",
         help="tests only, refused unless TSQP_TESTING=1: the N-th reply of METHOD comes back wrong "
-        "(what tee-client --verify must catch)",
+        "(what tee-client --verify must catch), or with :shape one column short (what every tee-client refuses)",
     )
     p.add_argument(
         "--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level (default INFO)"

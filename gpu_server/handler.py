@@ -131,20 +131,23 @@ class Handler:
 
 
 class Fault:
-    """`--inject-fault METHOD:N` (tests only): the N-th reply of METHOD comes back wrong.
+    """`--inject-fault METHOD:N[:shape]` (tests only): the N-th reply of METHOD comes back wrong.
 
     One element of its first tensor moves by the tensor's RMS (a typical activation), or by a
     quarter of the ring for ring elements; everything else is the honest result. What `--verify`
-    must catch.
+    must catch. With `:shape`, the first tensor comes back one column short instead: what every
+    client must refuse in one line (tee_client.ops.check_reply), --verify or not.
     """
 
     ENV = "TSQP_TESTING"  # the switch is refused unless this is set to 1
 
     def __init__(self, spec: str):
-        method, _, count = spec.partition(":")
-        if not method or not count.isdigit() or int(count) < 1:
-            raise UsageError(f"--inject-fault {spec!r}: expected METHOD:N, e.g. Linear:3 (N counts from 1)")
-        self.method, self.n, self.seen = method, int(count), 0
+        method, count, *kind = spec.split(":")
+        if not method or not count.isdigit() or int(count) < 1 or kind not in ([], ["shape"]):
+            raise UsageError(
+                f"--inject-fault {spec!r}: expected METHOD:N or METHOD:N:shape, e.g. Linear:3 (N counts from 1)"
+            )
+        self.method, self.n, self.seen, self.shape = method, int(count), 0, kind == ["shape"]
 
     def apply(self, method: str, out: list) -> list:
         if method != self.method:
@@ -152,6 +155,9 @@ class Fault:
         self.seen += 1
         if self.seen != self.n or not out or out[0].numel() == 0:
             return out
+        if self.shape:
+            log.warning("injected a short %s reply %d (testing)", method, self.n)
+            return [out[0][..., :-1].contiguous(), *out[1:]]
         wrong = out[0].clone()
         flat = wrong.view(-1)
         if wrong.is_floating_point():

@@ -63,6 +63,11 @@ class ServerStopping(ServerUnavailable):
     """The server is shutting down and will not answer this request."""
 
 
+class BadReply(TSQPError):
+    """A reply that does not hold what its request asks for (tensor count, shapes, dtypes): a broken or hostile
+    server. Raised by the client; never sent."""
+
+
 class RemoteError(TSQPError):
     """The server failed in a way it does not name (an internal error, or a type this side does not know)."""
 

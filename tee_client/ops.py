@@ -18,13 +18,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from protocol.errors import BadReply
 from tee_client.stats import Call, current
+from tsqp.methods import reply_layout
 from tsqp.spec import ModelSpec
 
 
 class Ops:
     wire_dtype: torch.dtype | None = None  # None until Init: nothing floating crosses before it
     fingerprint: str | None = None  # the model Init reported; every later request carries it
+    config = None  # its config (from Init): what every reply must hold follows from it
     verifier = None  # --verify: a tee_client.verify.Verifier checks every reply, as it crossed
     fuses_residuals = True  # whether `residual` may be used (a privacy mode masks each matmul on its own)
 
@@ -47,7 +50,7 @@ class Ops:
 
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.send("Init", {}, []))
-        self.wire_dtype, self.fingerprint = spec.dtype, spec.fingerprint
+        self.wire_dtype, self.fingerprint, self.config = spec.dtype, spec.fingerprint, spec.config
         if self.verifier is not None:
             self.verifier.expect(spec)
         return spec
@@ -55,6 +58,8 @@ class Ops:
     def call(self, method: str, args: dict, tensors: Sequence[Tensor]) -> list[Tensor]:
         sent = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
         received = self.send(method, args, sent)[1]
+        if self.config is not None:  # after Init: a reply holds what its request asks for, or the run stops here
+            check_reply(self.config, self.wire_dtype, method, args, sent, received)
         if self.verifier is not None:
             self.verifier.timed_check(method, args, sent, received)
         return [t.float() if t.is_floating_point() else t for t in received]
@@ -122,6 +127,23 @@ class LocalOps(Ops):
                 ),
             )
         return result, outputs
+
+
+def check_reply(config, wire_dtype, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
+    """The tensors a reply holds must be exactly those its request asks for (tsqp.methods.reply_layout): a broken or
+    hostile server stops the run with one line (BadReply), not with a crash deep in the model."""
+    layout = reply_layout(config, method, args, sent, wire_dtype)
+    if layout is None:
+        return
+    shapes, dtype = layout
+    if [tuple(t.shape) for t in received] != shapes or any(t.dtype != dtype for t in received):
+        got = ", ".join(described(t.dtype, t.shape) for t in received) or "nothing"
+        wanted = ", ".join(described(dtype, shape) for shape in shapes)
+        raise BadReply(f"{method}: the server replied {got}, where the request asks for {wanted}")
+
+
+def described(dtype: torch.dtype, shape) -> str:
+    return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
 
 
 def make_ops(settings) -> Ops:

@@ -19,9 +19,10 @@ from gpu_server.regions import Regions
 from hostile import MALFORMED, TEMPLATES, f32, mutated_request, request, shm_malformed
 from protocol.messages import ITEMSIZE, TensorSpec
 from protocol.shm import ALIGN, open_segment
+from protocol.wire import TORCH_DTYPES
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
-from tsqp.methods import METHODS, dispatch
+from tsqp.methods import METHODS, dispatch, reply_layout
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +214,28 @@ def test_weights_stored_for_matvec_keep_their_values_and_results(checkpoints, dt
                     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
                 else:
                     assert torch.equal(a, b)  # untouched: the very same kernels
+
+
+def test_the_tables_reply_shapes_are_what_the_engine_returns(handler):
+    """tee-client holds every reply to Method.shapes (tee_client.ops.check_reply): for every template, and the ring
+    methods, the shapes and dtype the table names are those an honest engine answers with."""
+    from tsqp.ring import fixed_weight, model_ring
+
+    engine, config = handler.engine, handler.engine.model.config
+    calls = []
+    for method, args, tensors in TEMPLATES:
+        ts = [torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[s["dtype"]]).view(s["shape"]) for s, data in tensors]
+        calls.append((method, args, ts))
+    weights = [engine.module(0, "gate_proj").weight, engine.module(0, "up_proj").weight, engine.lm_head_weight]
+    spec = model_ring(fixed_weight(w) for w in weights)
+    ring = {"ring_bits": spec.ring_bits, "limb_bits": spec.limb_bits}
+    u = torch.randint(0, 1 << 20, (1, 3, 64))
+    calls += [("LinearRing", {**ring, "layer": 0, "names": ["gate_proj", "up_proj"]}, [u]), ("LMHeadRing", ring, [u])]
+    for method, args, tensors in calls:
+        layout = reply_layout(config, method, args, tensors, torch.float32)
+        _, out, _ = dispatch(engine, method, args, tensors)
+        if method in ("Init", "Ping", "Echo"):
+            assert layout is None
+            continue
+        shapes, dtype = layout
+        assert [tuple(t.shape) for t in out] == shapes and all(t.dtype == dtype for t in out), method

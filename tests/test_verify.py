@@ -95,3 +95,30 @@ def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
         timeout=60,
     )
     assert run.returncode == 1 and "TSQP_TESTING=1" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "command, privacy, fault",
+    [
+        ("prefill", "plain", "Linear:3:shape"),
+        ("prefill", "plain", "Matmul:2:shape"),
+        ("prefill", "otp", "LinearRing:4:shape"),
+        ("generate", "plain", "Residual:5:shape"),
+    ],
+)
+def test_a_reply_of_the_wrong_shape_stops_any_client_in_one_line(
+    command, privacy, fault, checkpoints, start_server, tmp_path, capsys
+):
+    """No --verify needed: every client holds each reply to what its request asks for (tee_client.ops.check_reply)."""
+    folder = checkpoints("gqa")
+    liar = lying_server(start_server, folder, fault, "short.ipc")
+    args = [command, "--endpoint", liar.endpoint, "--model", str(folder), "--privacy", privacy]
+    args += ["--prompt", PROMPTS[0], "--output", str(tmp_path / "r.json")]
+    args += ["--length", "24", "--warmup", "0"] if command == "prefill" else ["--max-new-tokens", "4"]
+    capsys.readouterr()
+    assert tee_client(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tee-client: error: ") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    method = fault.split(":")[0]
+    assert f"{method}: the server replied" in err and "where the request asks for" in err, err
+    assert not (tmp_path / "r.json").exists()

@@ -21,6 +21,16 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def out_features(config, name: str) -> int:
+    """The output width of a linear module (or "lm_head") of a Llama with this config."""
+    if name in ("q_proj", "k_proj", "v_proj"):
+        heads = config.num_attention_heads if name == "q_proj" else config.num_key_value_heads
+        return heads * head_dim(config)
+    if name in ("gate_proj", "up_proj"):
+        return config.intermediate_size
+    return config.vocab_size if name == "lm_head" else config.hidden_size  # o_proj, down_proj
+
+
 def norm_weights(model) -> dict[str, Tensor]:
     """Every RMSNorm weight of a transformers LlamaForCausalLM, by the name the trusted side uses."""
     norms = {}
