@@ -91,8 +91,9 @@ class Server:
             return None
         if os.environ.get(Fault.ENV) != "1":
             raise UsageError(f"--inject-fault is for tests only: it is refused unless {Fault.ENV}=1")
+        fault = Fault(self.settings.inject_fault)  # a malformed spec is refused before anything is announced
         log.warning("FAULT INJECTION on: reply %s will be wrong (--inject-fault, testing)", self.settings.inject_fault)
-        return Fault(self.settings.inject_fault)
+        return fault
 
     def regions(self, device) -> Regions | None:
         """Shared memory for ipc clients (protocol.shm), unless turned off or CURVE is on."""
