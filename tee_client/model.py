@@ -166,10 +166,12 @@ class Llama:
         q, k, v = (t.permute(0, 2, 3, 1, 4) for t in (q, k, v))  # (B, Hkv, rep, S, D)
         if step.cache is not None:
             k, v = step.cache.update(layer, step.input_pos, k, v)  # (B, Hkv, 1, context, D)
-        matmul = attention_matmul if step.local_attention else self.ops.matmul
-        scores = matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, context)
-        probs = masked_softmax(scores, 1.0, step.mask)  # scaled already, through q
-        out = matmul(probs, v)  # (B, Hkv, rep, S, D)
+        if step.local_attention:  # a decode step, here: one fused kernel over the cache
+            out = decode_attention(q, k, v, step.mask)
+        else:
+            scores = self.ops.matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, context)
+            probs = masked_softmax(scores, 1.0, step.mask)  # scaled already, through q
+            out = self.ops.matmul(probs, v)  # (B, Hkv, rep, S, D)
         return out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
 
     def feed_forward(self, layer: int, x: Tensor) -> Tensor:
@@ -268,6 +270,20 @@ def attention_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
     bsz, n_kv, rep, seqlen, _ = a.shape
     out = a.reshape(bsz, n_kv, rep * seqlen, -1) @ b.squeeze(2)
     return out.view(bsz, n_kv, rep, seqlen, -1)
+
+
+@tee_op("attention")
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(q·kᵀ + mask)·v for a decode step, in the TEE: q (B, Hkv, rep, 1, D), scaled already (through its
+    rotary tables), against the cache's k, v (B, Hkv, 1, L, D), mask (B, 1, 1, 1, L) or None; (B, Hkv, rep, 1, D).
+
+    torch's fused attention, the rep query heads that share a kv head as its rows: one kernel per step and layer
+    instead of a product, a softmax and a product (as transformers' own decode does)."""
+    bsz, n_kv, rep, _, d = q.shape
+    out = F.scaled_dot_product_attention(
+        q.reshape(bsz, n_kv, rep, d), k.squeeze(2), v.squeeze(2), attn_mask=None if mask is None else mask[:, 0], scale=1.0
+    )
+    return out.view(bsz, n_kv, rep, 1, d)
 
 
 @tee_op("rope_tables")

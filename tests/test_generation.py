@@ -80,9 +80,10 @@ def test_the_result_json_has_every_field(checkpoints):
         assert result[phase]["steps"] == steps
         assert {"rpc", "timing", "timing_percentage", "data_transfer", "operation_counts"} <= set(result[phase])
     # a decode step: Embedding, layer 0's q/k/v, then per layer two Residual calls (the second of the last
-    # layer gives the logits); attention stays in the client
+    # layer gives the logits); attention stays in the client, one fused kernel per layer and step
     assert result["decode"]["operation_counts"]["gpu"] == {"Embedding": 4, "Linear": 4, "Residual": 4 * 2 * 2}
-    assert result["decode"]["operation_counts"]["tee"]["attention"] == 4 * 2 * 2
+    assert result["decode"]["operation_counts"]["tee"]["attention"] == 4 * 2
+    assert "softmax" not in result["decode"]["operation_counts"]["tee"]
     # with biases on q/k/v and gate/up (which follow the 1/rms scale) the step takes the four calls per layer
     biased = generate(checkpoints("mqa-tied-bias"), max_new_tokens=5, ignore_eos=True)
     assert biased["decode"]["operation_counts"]["gpu"] == {"Embedding": 4, "Linear": 32, "LMHead": 4}
