@@ -259,7 +259,7 @@ def decode_mask(positions: Tensor) -> Tensor | None:
 
 @tee_op("attention")
 def attention_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """Q·Kᵀ or P·V here, in the TEE (a decode step, and every step of a privacy mode).
+    """Q·Kᵀ or P·V here, in the TEE (a privacy mode's prefill; a decode step uses decode_attention).
 
     a (B, Hkv, rep, S, X) against b (B, Hkv, 1, ·, ·): the rep query heads that share a kv head are
     folded into rows, one (rep·S, X) product per kv head, instead of a broadcast that copies b rep times.
@@ -280,9 +280,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
     torch's fused attention, the rep query heads that share a kv head as its rows: one kernel per step and layer
     instead of a product, a softmax and a product (as transformers' own decode does)."""
     bsz, n_kv, rep, _, d = q.shape
-    out = F.scaled_dot_product_attention(
-        q.reshape(bsz, n_kv, rep, d), k.squeeze(2), v.squeeze(2), attn_mask=None if mask is None else mask[:, 0], scale=1.0
-    )
+    mask = None if mask is None else mask[:, 0]  # (B, 1, 1, L): every head and row of a sequence alike
+    out = F.scaled_dot_product_attention(q.reshape(bsz, n_kv, rep, d), k.squeeze(2), v.squeeze(2), mask, scale=1.0)
     return out.view(bsz, n_kv, rep, 1, d)
 
 

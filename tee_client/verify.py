@@ -56,6 +56,7 @@ from protocol.errors import ModelMismatch, TSQPError
 from tee_client.masking import Csprng
 from tee_client.stats import current
 from tsqp.engine import Engine
+from tsqp.methods import matmul_shape
 from tsqp.ring import FLOAT_EXACT_BITS, RingSpec, fixed_weight
 
 BLOCK = 32  # output columns per check: float16 and bfloat16 replies, the ring
@@ -238,8 +239,8 @@ class Verifier:
 
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool, c: Tensor) -> None:
         """C (…, S, cols) against A·(B·r), block by block."""
+        fits = matmul_shape(a, b, transpose_b)
         b = b.transpose(-1, -2) if transpose_b else b  # (…, inner, cols)
-        fits = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])
         if tuple(c.shape) != fits:  # before any arithmetic: a short reply must fail as wrong, not as a crash
             raise IntegrityError(f"Matmul: reply of shape {tuple(c.shape)} does not fit its operands {fits}")
         a, b, block = a.float(), b.float(), self.block_of(c.dtype, c.shape[-1])

@@ -55,9 +55,13 @@ def residual(config, args: dict, tensors: list[Tensor]) -> list[tuple]:
 
 
 def product(config, args: dict, tensors: list[Tensor]) -> list[tuple]:
-    a, b = tensors
-    cols = b.shape[-2] if args.get("transpose_b", False) else b.shape[-1]
-    return [(*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], cols)]
+    return [matmul_shape(*tensors, args.get("transpose_b", False))]
+
+
+def matmul_shape(a: Tensor, b: Tensor, transpose_b: bool) -> tuple:
+    """The shape of a·b (a·bᵀ with transpose_b): the broadcast batch, a's rows, b's columns."""
+    cols = b.shape[-2] if transpose_b else b.shape[-1]
+    return (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], cols)
 
 
 def logits(config, args: dict, tensors: list[Tensor]) -> list[tuple]:
