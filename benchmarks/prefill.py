@@ -1,9 +1,10 @@
-"""Prefill on the embedded model: the split (ipc through shared memory, ipc as frames, tcp), passthrough,
-tee-only and transformers.
+"""Prefill on the embedded model: the split (ipc through shared memory, ipc as frames, tcp, ipc with the
+attention on the server), passthrough, tee-only and transformers.
 
-Every placement runs the same ids: the TSQP Llama forward on five ops objects (remote over ipc
-through shared memory, over ipc with every tensor a ZeroMQ frame, over tcp, passthrough,
-tee-only: one model file, different backends), and transformers' own LlamaForCausalLM forward
+Every placement runs the same ids: the TSQP Llama forward on six ops objects (remote over ipc
+through shared memory, over ipc with every tensor a ZeroMQ frame, over tcp, over ipc with
+--attention server, passthrough, tee-only: one model file, different backends; attention in the
+TEE unless named), and transformers' own LlamaForCausalLM forward
 in this process as the reference. --logits last (the default, as tee-client's) asks LMHead for
 each row's last position only and compares with transformers' `logits_to_keep=1`; --logits all
 compares every position with a full forward. After --warmup untimed forwards each, --runs
@@ -39,14 +40,22 @@ from tee_client.stats import Stats  # noqa: E402
 
 PROMPT = "The capital of France is Paris. " * 200  # long enough to fill every length: no padding
 POINTS = [(128, 1), (256, 1), (512, 1), (1024, 1), (256, 4)]
-PLACEMENTS = ["remote ipc", "remote ipc frames", "remote tcp", "passthrough", "tee-only", "transformers"]
+PLACEMENTS = [
+    "remote ipc",
+    "remote ipc frames",
+    "remote tcp",
+    "remote ipc, server attention",
+    "passthrough",
+    "tee-only",
+    "transformers",
+]
 
 
 def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, logits: str) -> dict:
-    """name -> forward(input_ids, attention_mask): the same Llama on five ops objects, and transformers."""
+    """name -> forward(input_ids, attention_mask): the same Llama on six ops objects, and transformers."""
     from transformers import LlamaForCausalLM
 
-    def tsqp(backend: str, endpoint: str = ipc, shm: bool = True) -> Callable:
+    def tsqp(backend: str, endpoint: str = ipc, shm: bool = True, attention: str = "tee") -> Callable:
         """The ops object exactly as tee-client builds it (tee_client.ops.make_ops)."""
         settings = PrefillSettings(
             backend=backend,
@@ -59,7 +68,7 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, logit
         )
         ops = make_ops(settings)
         stack.callback(ops.close)
-        model = Llama(ops.init(), ops)
+        model = Llama(ops.init(), ops, attention)
         if backend == "remote" and ops.transport() != ("shm" if shm and endpoint == ipc else "frames"):
             raise RuntimeError(f"{backend} {endpoint}: tensors cross as {ops.transport()}, not as planned")
         return lambda ids, mask: model.forward(ids, mask, logits)
@@ -78,6 +87,7 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, logit
         "remote ipc": tsqp("remote", ipc),
         "remote ipc frames": tsqp("remote", ipc, shm=False),
         "remote tcp": tsqp("remote", tcp),
+        "remote ipc, server attention": tsqp("remote", ipc, attention="server"),
         "passthrough": tsqp("passthrough"),
         "tee-only": tsqp("tee-only"),
         "transformers": transformers_forward,

@@ -1,7 +1,8 @@
 """The cost of --verify: the split prefill with and without its checks, on the embedded model.
 
-One gpu-server over ipc; for each length, the same ids through four ops objects built exactly
-as tee-client builds them (plain, plain + verify, otp, otp + verify; --variants picks some).
+One gpu-server over ipc; for each length, the same ids through six ops objects built exactly
+as tee-client builds them (plain, with --attention server too, and otp, each with and without
+--verify; --variants picks some).
 Each forward is prepared as tee-client prepares it (ops.prepare before it: the otp pads and
 --verify's secrets, timed as offline) and keeps the logits tee-client keeps (--logits, default
 last). After --warmup untimed forwards each, --runs rounds visit every variant in turn, so drift
@@ -30,11 +31,13 @@ from tsqp.checkpoint import embedded_model_path, resolve_folder  # noqa: E402
 from tsqp.launch import ServerProcess  # noqa: E402
 
 PROMPT = "The capital of France is Paris. " * 200  # fills every length: no padding
-VARIANTS = {
-    "plain": ("plain", False),
-    "plain+verify": ("plain", True),
-    "otp": ("otp", False),
-    "otp+verify": ("otp", True),
+VARIANTS = {  # name: (privacy, --verify, --attention)
+    "plain": ("plain", False, "tee"),
+    "plain+verify": ("plain", True, "tee"),
+    "server-attention": ("plain", False, "server"),
+    "server-attention+verify": ("plain", True, "server"),
+    "otp": ("otp", False, "tee"),
+    "otp+verify": ("otp", True, "tee"),
 }
 
 
@@ -44,17 +47,18 @@ def measure(args) -> dict:
         endpoint = f"ipc://{tmp}/s.ipc"
         stack.enter_context(ServerProcess(endpoint, "--model", str(embedded_model_path()), "--device", "cpu"))
         models = {}
-        for name, (privacy, verify) in variants.items():
+        for name, (privacy, verify, attention) in variants.items():
             settings = PrefillSettings(
                 gpu_endpoint=endpoint,
                 model_path=str(embedded_model_path()),
                 privacy=privacy,
                 verify=verify,
+                attention=attention,
                 rpc_timeout=600,
             )
             ops = make_ops(settings)
             stack.callback(ops.close)
-            models[name] = (Llama(ops.init(), ops), ops)
+            models[name] = (Llama(ops.init(), ops, attention), ops)
         tokenizer = AutoTokenizer.from_pretrained(resolve_folder(embedded_model_path())[0])
         for length in args.lengths:
             ids, mask, *_ = encode_batch(tokenizer, [PROMPT], 1, length)

@@ -9,7 +9,7 @@ from tsqp.cli import add_model_flags, add_shm_flag, keep_freed_memory, prefer_pa
 
 SHARED_VARIABLES = """LLAMA_GPU_ENDPOINT, LLAMA_TEE_BATCH_SIZE, LLAMA_PROMPT_PATH, LLAMA_TEE_RESULT_PATH,
 LLAMA_RPC_TIMEOUT, LLAMA_RPC_RETRIES, LLAMA_CURVE_SECRET_KEY, LLAMA_CURVE_SERVER_KEY, LLAMA_MODEL_FINGERPRINT,
-LLAMA_BACKEND, LLAMA_PRIVACY, LLAMA_MIX_BLOCK, LLAMA_VERIFY, LLAMA_SHM (0: no shared memory),
+LLAMA_BACKEND, LLAMA_PRIVACY, LLAMA_ATTENTION, LLAMA_MIX_BLOCK, LLAMA_VERIFY, LLAMA_SHM (0: no shared memory),
 LLAMA_SHM_DIR (variable only), and for the in-process backends and the privacy modes
 LLAMA_MODEL_PATH, LLAMA_GPU_DEVICE, LLAMA_DTYPE (tee-only always runs on the CPU)"""
 
@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_run_flags(p: argparse.ArgumentParser, batch_help: str) -> None:
     """The flags prefill and generate share: prompts, where the linear ops run, privacy, verify, the connection."""
-    from tee_client.settings import Backend, Privacy
+    from tee_client.settings import Attention, Backend, Privacy
 
     p.add_argument("--endpoint", dest="gpu_endpoint", metavar="URL", help="gpu-server's ipc:///path or tcp://host:port")
     p.add_argument(
@@ -134,6 +134,13 @@ def add_run_flags(p: argparse.ArgumentParser, batch_help: str) -> None:
         help="what the GPU host may see: plain (everything; the default), otp (uniform one-time-padded ring "
         "elements: nothing about the prompt), mix (tokens mixed in fresh random blocks: heuristic, faster); "
         "otp and mix keep token ids and attention in this process and load --model here too",
+    )
+    p.add_argument(
+        "--attention",
+        choices=typing.get_args(Attention),
+        help="where a prefill's attention runs: tee (here, one fused kernel per layer; the default) or server "
+        "(plain only: Q·Kᵀ and P·V as two calls per layer, the scores and probabilities crossing both ways; "
+        "the softmax stays here); decode steps always attend here",
     )
     p.add_argument(
         "--verify",

@@ -186,7 +186,7 @@ def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:
         input_ids, attention_mask, lengths, _ = encode_batch(spec.tokenizer, prompts, batch_size)
         check_room(spec.config, batch_size, max(lengths), settings.max_new_tokens)
         run = generate(
-            Llama(spec, ops),
+            Llama(spec, ops, settings.attention),
             Sampler(settings.temperature, settings.top_k, settings.top_p, seed),
             Streamer(spec.tokenizer, batch_size, out),
             input_ids,

@@ -1,9 +1,11 @@
 """A Llama forward (as transformers' LlamaForCausalLM) whose linear steps go through `ops`.
 
-This file is the trusted side: RMSNorm, RoPE, the causal + padding mask, softmax, SiLU·up,
+This file is the trusted side: RMSNorm, RoPE, the causal + padding mask, attention, SiLU·up,
 the residual adds and the grouped-query head bookkeeping run here, in float32. Everything
-that touches a weight matrix, and a prefill's two attention matmuls Q·Kᵀ and P·V, is
-delegated to an `Ops` object: remote over ZeroMQ, or in-process (tee_client.ops). No zmq here.
+that touches a weight matrix is delegated to an `Ops` object: remote over ZeroMQ, or
+in-process (tee_client.ops). No zmq here. Attention runs here as one fused kernel per layer;
+`Llama(..., attention="server")` (plain mode only) sends a prefill's two attention matmuls,
+Q·Kᵀ and P·V, to the ops instead, and keeps the masked softmax between them here.
 
 Generation (`prefill` then `decode`, one token per row per step) keeps a `KVCache` here, in
 the TEE: the server stays stateless and a decode step's attention (one query row against the
@@ -65,15 +67,17 @@ class Pass:
 
     rope: tuple[Tensor, Tensor, Tensor, Tensor]
     mask: Tensor | None  # None: every token sees every key
+    causal: bool = False  # the mask is exactly causal (nothing padded): a fused kernel may skip it
     cache: KVCache | None = None
     input_pos: Tensor | None = None  # (S,) shared by every row, or (B, S): see KVCache.update
-    local_attention: bool = False  # a decode step: attend to the cache here, not through ops
+    decoding: bool = False  # a decode step: one new token per row against the cache
 
 
 class Llama:
-    def __init__(self, spec: ModelSpec, ops: Ops):
+    def __init__(self, spec: ModelSpec, ops: Ops, attention: str = "tee"):
         c = spec.config
         self.ops, self.config = ops, c
+        self.server_attention = attention == "server"  # a prefill's Q·Kᵀ and P·V through ops.matmul
         self.n_layers = c.num_hidden_layers
         self.n_heads, self.n_kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.n_rep = self.n_heads // self.n_kv_heads
@@ -94,7 +98,7 @@ class Llama:
         bsz, seqlen = input_ids.shape
         positions = torch.arange(seqlen).expand(bsz, seqlen)
         # as transformers' batched forward: every row's rope for a sequence of S tokens (dynamic NTK cares)
-        step = Pass(self.rope(positions, torch.full((bsz,), seqlen)), additive_mask(attention_mask))
+        step = Pass(self.rope(positions, torch.full((bsz,), seqlen)), *prefill_mask(attention_mask))
         return self.run(input_ids, attention_mask, step, logits)
 
     @torch.inference_mode()
@@ -105,7 +109,7 @@ class Llama:
         cache.lengths = attention_mask.sum(dim=1)
         # each row's rope as if it were alone: for a sequence of its own length
         rope = self.rope(positions, cache.lengths)
-        step = Pass(rope, additive_mask(attention_mask), cache, positions[0])
+        step = Pass(rope, *prefill_mask(attention_mask), cache, positions[0])
         return self.run(input_ids, attention_mask, step, "last")[:, 0]
 
     @torch.inference_mode()
@@ -114,7 +118,7 @@ class Llama:
         pos = cache.lengths[:, None]  # (B, 1)
         mask = decode_mask(cache.lengths)  # None: all rows at one position, so nothing to hide
         input_pos = pos if mask is not None else pos[0]
-        step = Pass(self.rope(pos, cache.lengths + 1), mask, cache, input_pos, local_attention=True)
+        step = Pass(self.rope(pos, cache.lengths + 1), mask, False, cache, input_pos, decoding=True)
         ids = tokens[:, None]
         logits = self.run_fused(ids, step) if self.fused_decode else self.run(ids, None, step, "all")
         cache.lengths = cache.lengths + 1
@@ -161,17 +165,19 @@ class Llama:
         # RoPE (q's tables carry the softmax scale)
         cos, sin, cos_q, sin_q = step.rope
         q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
-        # grouped-query attention: each kv head serves n_rep query heads, broadcast on the
-        # GPU side instead of copied, so K and V cross the wire once per kv head
+        # grouped-query attention: each kv head serves n_rep query heads, never copied (on the
+        # server, broadcast: K and V cross the wire once per kv head)
         q, k, v = (t.permute(0, 2, 3, 1, 4) for t in (q, k, v))  # (B, Hkv, rep, S, D)
         if step.cache is not None:
             k, v = step.cache.update(layer, step.input_pos, k, v)  # (B, Hkv, 1, context, D)
-        if step.local_attention:  # a decode step, here: one fused kernel over the cache
+        if step.decoding:
             out = decode_attention(q, k, v, step.mask)
-        else:
+        elif self.server_attention:
             scores = self.ops.matmul(q, k, transpose_b=True)  # (B, Hkv, rep, S, context)
             probs = masked_softmax(scores, 1.0, step.mask)  # scaled already, through q
             out = self.ops.matmul(probs, v)  # (B, Hkv, rep, S, D)
+        else:
+            out = prefill_attention(q, k, v, step.mask, step.causal)
         return out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
 
     def feed_forward(self, layer: int, x: Tensor) -> Tensor:
@@ -244,6 +250,11 @@ def additive_mask(attention_mask: Tensor) -> Tensor:
     return mask[:, None, None]  # (B, 1, 1, S, S)
 
 
+def prefill_mask(attention_mask: Tensor) -> tuple[Tensor, bool]:
+    """A prefill's additive mask, and whether it is exactly causal (no row padded)."""
+    return additive_mask(attention_mask), bool(attention_mask.all())
+
+
 @tee_op("mask")
 def decode_mask(positions: Tensor) -> Tensor | None:
     """For one new token per row at positions (B,): 0 on the keys 0..position, float32 min past it, (B, 1, 1, 1, L);
@@ -258,18 +269,19 @@ def decode_mask(positions: Tensor) -> Tensor | None:
 
 
 @tee_op("attention")
-def attention_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """Q·Kᵀ or P·V here, in the TEE (a privacy mode's prefill; a decode step uses decode_attention).
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: bool) -> Tensor:
+    """softmax(q·kᵀ + mask)·v over a prefill's tokens, in the TEE: q (B, Hkv, rep, S, D), scaled already (through
+    its rotary tables), k, v (B, Hkv, 1, S, D), mask (B, 1, 1, S, S); (B, Hkv, rep, S, D).
 
-    a (B, Hkv, rep, S, X) against b (B, Hkv, 1, ·, ·): the rep query heads that share a kv head are
-    folded into rows, one (rep·S, X) product per kv head, instead of a broadcast that copies b rep times.
-    """
-    b = b.transpose(-1, -2) if transpose_b else b
-    if a.dim() != 5 or b.shape[2] != 1:
-        return a @ b
-    bsz, n_kv, rep, seqlen, _ = a.shape
-    out = a.reshape(bsz, n_kv, rep * seqlen, -1) @ b.squeeze(2)
-    return out.view(bsz, n_kv, rep, seqlen, -1)
+    torch's fused attention, as transformers' own forward: no S x S scores of its own, and with `causal` (nothing
+    padded) the masked half is never computed. Its query heads are the rep heads of each kv head, in order."""
+    bsz, n_kv, rep, seqlen, d = q.shape
+    q, k, v = q.reshape(bsz, n_kv * rep, seqlen, d), k.squeeze(2), v.squeeze(2)
+    if causal and k.shape[2] == seqlen:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, mask[:, 0], scale=1.0, enable_gqa=True)
+    return out.view(bsz, n_kv, rep, seqlen, d)
 
 
 @tee_op("attention")

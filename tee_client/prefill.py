@@ -101,7 +101,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
     try:
         spec, init_stats = start(ops, settings)
         check_length(spec.config, batch_size, settings.prefill_length)
-        model = Llama(spec, ops)
+        model = Llama(spec, ops, settings.attention)
         keep = settings.logits_kept
         rows = batch_size * settings.prefill_length
         head_rows = batch_size if keep == "last" else rows
@@ -157,6 +157,7 @@ def identity(settings, spec, transport: str | None, verify_checks: int) -> dict:
         "endpoint": settings.gpu_endpoint if settings.backend == "remote" else None,
         "transport": transport,
         "privacy": None if in_process_only else settings.privacy,
+        "attention": settings.attention,
         "verify": settings.verify and not in_process_only,
         "verify_checks": verify_checks,
         "model": spec.name,

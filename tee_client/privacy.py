@@ -1,6 +1,7 @@
 """The privacy modes: what crosses to the GPU host is masked, the rest never leaves the TEE.
 
-    plain   ids, activations and attention scores cross as they are (no wrapper)
+    plain   ids and activations cross as they are (no wrapper); with --attention server the
+            attention scores and probabilities too
     otp     one-time pads in the ring Z_2^k (tee_client.masking, tsqp.ring): the server sees
             uniform ring elements, independent of the prompt; exact products, pads used once
     mix     fresh invertible mixing of blocks of tokens per call (heuristic, GELO-style); a call
@@ -8,8 +9,8 @@
             batch is large) has too few tokens to mix (one row would only be scaled), so it goes
             through otp's pads instead
 
-In both modes the embedding lookup and the attention matmuls (Q·Kᵀ, softmax, P·V) run here,
-on the client's own copy of the model, and every weight matmul (q/k/v/o, gate/up/down,
+In both modes the embedding lookup runs here, on the client's own copy of the model, as does
+attention (always in the TEE: tee_client.model), and every weight matmul (q/k/v/o, gate/up/down,
 lm_head) goes to the server masked. The client's copy also gives the config, norms and
 tokenizer: nothing the server says about the model is trusted, and a server whose fingerprint
 differs from the client's own is refused before anything is sent.
@@ -22,7 +23,6 @@ from torch import Tensor
 
 from protocol.errors import ModelMismatch
 from tee_client.masking import Csprng, Mixer, Otp, PadBook
-from tee_client.model import attention_matmul
 from tee_client.ops import Ops
 from tee_client.stats import current, tee_op
 from tsqp.engine import Engine
@@ -99,7 +99,7 @@ class PrivateOps(Ops):
         return lookup(self.own, input_ids)
 
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-        return attention_matmul(a, b, transpose_b)
+        raise ValueError("a privacy mode keeps attention in the TEE: its products never go to the server")
 
     def linear(self, layer: int, names, x: Tensor) -> list[Tensor]:
         modules = [self.own.module(layer, name) for name in names]

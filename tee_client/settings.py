@@ -34,6 +34,7 @@ class ClientSettings(TransportSettings):
 
 Backend = Literal["remote", "passthrough", "tee-only"]
 Privacy = Literal["plain", "otp", "mix"]
+Attention = Literal["tee", "server"]
 
 
 class RunSettings(ClientSettings, ModelSettings):
@@ -42,11 +43,21 @@ class RunSettings(ClientSettings, ModelSettings):
     backend: Backend = "remote"
     privacy: Privacy = "plain"
     verify: bool = False
+    attention: Attention = "tee"  # where a prefill's attention runs: here, or as two Matmul calls (plain only)
     mix_block: int = Field(16, ge=2, le=4096, description="tokens mixed together in the mix privacy mode")
     tee_batch_size: PositiveInt | None = None  # default: one row per prompt
     prompt: list[str] | None = None
     prompt_path: str | None = None
     tee_result_path: str | None = None
+
+    @model_validator(mode="after")
+    def attention_private(self) -> "RunSettings":
+        if self.attention == "server" and self.privacy != "plain":
+            raise ValueError(
+                f"--attention server sends queries, keys and attention probabilities to the GPU host: "
+                f"--privacy {self.privacy} keeps attention here (use --attention tee, the default)"
+            )
+        return self
 
 
 class PrefillSettings(RunSettings):

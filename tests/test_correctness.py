@@ -18,12 +18,15 @@ def real_positions_max_error(logits: np.ndarray, reference: np.ndarray, mask: np
     return float(np.abs(logits[real] - reference[real]).max())
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_float32_logits_match_transformers(variant, checkpoints, start_server, tmp_path):
+@pytest.mark.parametrize(
+    "variant, attention", [(v, "tee") for v in VARIANTS] + [("gqa", "server"), ("mqa-tied-bias", "server")]
+)
+def test_float32_logits_match_transformers(variant, attention, checkpoints, start_server, tmp_path):
     folder = checkpoints(variant)
     server = start_server("--model", str(folder))
     length = 48  # past max_position_embeddings (32) for "dynamic", past the original 16 for llama3/yarn
-    result, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, length, 4)
+    result, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, length, 4, "--attention", attention)
+    assert result["attention"] == attention and ("Matmul" in result["rpc"]) == (attention == "server")
 
     ids, mask = out["input_ids"], out["attention_mask"]
     expected = reference_tokens(folder, PROMPTS + PROMPTS[:1])

@@ -41,18 +41,25 @@ def expected_tensor_bytes(c, bsz: int, seqlen: int) -> dict[str, tuple[int, int]
     }
 
 
-def test_stats_match_what_crossed(checkpoints, start_server, tmp_path):
+@pytest.mark.parametrize("attention", ["tee", "server"])
+def test_stats_match_what_crossed(attention, checkpoints, start_server, tmp_path):
     folder = checkpoints("gqa")
     config = AutoConfig.from_pretrained(folder)
     server = start_server("--model", str(folder))
     bsz, seqlen, layers = 2, 40, config.num_hidden_layers
-    result, _ = run_prefill_cli(server.endpoint, tmp_path, ["The capital of France is", "Rotary"], seqlen, bsz)
+    prompts = ["The capital of France is", "Rotary"]
+    result, _ = run_prefill_cli(server.endpoint, tmp_path, prompts, seqlen, bsz, "--attention", attention)
     rpc = result["rpc"]
 
     calls = {"Embedding": 1, "Linear": 4 * layers, "Matmul": 2 * layers, "LMHead": 1}
+    if attention == "tee":  # no attention product crosses
+        del calls["Matmul"]
     assert {m: rpc[m]["calls"] for m in calls} == calls
     assert rpc["Init"]["calls"] == 1
     for method, (sent, received) in expected_tensor_bytes(config, bsz, seqlen).items():
+        if method not in calls:
+            assert method not in rpc
+            continue
         overhead = HEADER_MAX * calls[method]
         assert sent <= rpc[method]["bytes_sent"] <= sent + overhead, method
         assert received <= rpc[method]["bytes_received"] <= received + overhead, method
@@ -66,7 +73,7 @@ def test_stats_match_what_crossed(checkpoints, start_server, tmp_path):
         "mask": 1,
         "rmsnorm": 2 * layers + 1,
         "rope": 2 * layers,
-        "softmax": layers,
+        **({"softmax": layers} if attention == "server" else {"attention": layers}),
         "silu": layers,
         "residual": 2 * layers,
     }

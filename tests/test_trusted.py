@@ -12,7 +12,15 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from checkpoints import BASE, VARIANTS
-from tee_client.model import additive_mask, apply_rope, masked_softmax, rms_norm, rope_tables
+from tee_client.model import (
+    additive_mask,
+    apply_rope,
+    masked_softmax,
+    prefill_attention,
+    prefill_mask,
+    rms_norm,
+    rope_tables,
+)
 
 
 def config(variant: str) -> LlamaConfig:
@@ -58,7 +66,11 @@ def test_padding_and_causal_mask_match_transformers():
     assert torch.equal(additive_mask(attention_mask)[:, :, 0], reference)  # ours: (B, 1, 1, S, S)
 
 
-def test_masked_softmax_and_attention_match_transformers_eager_attention():
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("where", ["server", "tee"])
+def test_attention_matches_transformers_eager_attention(where, padded):
+    """Both placements of a prefill's attention: the masked softmax between two products (--attention server),
+    and the fused kernel (tee; with nothing padded, its causal path)."""
     cfg = config("gqa")
     bsz, seqlen, n_kv, rep, dim = 2, 6, 2, 2, 16
     q, k, v = (
@@ -66,10 +78,13 @@ def test_masked_softmax_and_attention_match_transformers_eager_attention():
         torch.randn(bsz, n_kv, 1, seqlen, dim),
         torch.randn(bsz, n_kv, 1, seqlen, dim),
     )
-    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
-    mask = additive_mask(attention_mask)
-    probs = masked_softmax(q @ k.transpose(-1, -2), dim**-0.5, mask)
-    ours = probs @ v  # (B, Hkv, rep, S, D)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0] if padded else [1] * 6, [1] * 6])
+    mask, causal = prefill_mask(attention_mask)
+    assert causal is not padded
+    if where == "server":
+        ours = masked_softmax(q @ k.transpose(-1, -2), dim**-0.5, mask) @ v  # (B, Hkv, rep, S, D)
+    else:
+        ours = prefill_attention(q * dim**-0.5, k, v, mask, causal)
 
     class Module(torch.nn.Module):
         num_key_value_groups = rep

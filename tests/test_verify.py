@@ -26,11 +26,16 @@ def prefill(endpoint: str, folder, out, *extra: str) -> int:
     return tee_client(args)
 
 
+def mode_flags(mode: str) -> list[str]:
+    """--privacy MODE, or "server-attention": plain, a prefill's Q·Kᵀ and P·V on the server (Matmul calls)."""
+    return ["--privacy", "plain", "--attention", "server"] if mode == "server-attention" else ["--privacy", mode]
+
+
 @pytest.mark.parametrize(
     "privacy, fault, named",
     [
         ("plain", "Linear:5", "Linear layer 1 q_proj"),
-        ("plain", "Matmul:3", "Matmul"),
+        ("server-attention", "Matmul:3", "Matmul"),
         ("plain", "LMHead:1", "LMHead"),
         ("plain", "Embedding:1", "Embedding"),
         ("otp", "LinearRing:6", "LinearRing layer 1 o_proj"),
@@ -44,22 +49,23 @@ def test_a_wrong_reply_is_caught_every_time_with_verify_and_changes_logits_witho
     folder = checkpoints("mqa-tied-bias")
     honest = start_server("--model", str(folder), name="honest.ipc")
     (tmp_path / "honest").mkdir(), (tmp_path / "fooled").mkdir(), (tmp_path / "caught").mkdir()
-    assert prefill(honest.endpoint, folder, tmp_path / "honest", "--privacy", privacy) == 0
+    flags = mode_flags(privacy)
+    assert prefill(honest.endpoint, folder, tmp_path / "honest", *flags) == 0
     liar = lying_server(start_server, folder, fault, "liar.ipc")
-    assert prefill(liar.endpoint, folder, tmp_path / "fooled", "--privacy", privacy) == 0
+    assert prefill(liar.endpoint, folder, tmp_path / "fooled", *flags) == 0
     good, bad = np.load(tmp_path / "honest" / "l.npz"), np.load(tmp_path / "fooled" / "l.npz")
     assert np.abs(good["logits"] - bad["logits"]).max() > 1e-3, "the fault did not change the logits"
 
     liar = lying_server(start_server, folder, fault, "fresh-liar.ipc")  # its fault counter starts again
     capsys.readouterr()
-    assert prefill(liar.endpoint, folder, tmp_path / "caught", "--privacy", privacy, "--verify") == 1
+    assert prefill(liar.endpoint, folder, tmp_path / "caught", *flags, "--verify") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tee-client: error: ") and named in err and "Traceback" not in err, err
     assert len(err.splitlines()) == 1 and ("fails" in err or "differ" in err), err
     assert not (tmp_path / "caught" / "r.json").exists() and not (tmp_path / "caught" / "l.npz").exists()
 
 
-@pytest.mark.parametrize("privacy", ["plain", "otp", "mix"])
+@pytest.mark.parametrize("privacy", ["plain", "server-attention", "otp", "mix"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_honest_servers_pass_and_verify_changes_no_logit(privacy, dtype, checkpoints, start_server, tmp_path):
     folder = checkpoints("gqa")
@@ -68,7 +74,7 @@ def test_honest_servers_pass_and_verify_changes_no_logit(privacy, dtype, checkpo
     for verify in (False, True):
         out = tmp_path / str(verify)
         out.mkdir()
-        extra = ["--privacy", privacy, "--model", str(folder), "--dtype", dtype] + (["--verify"] if verify else [])
+        extra = mode_flags(privacy) + ["--model", str(folder), "--dtype", dtype] + (["--verify"] if verify else [])
         result, logits = run_prefill_cli(server.endpoint, out, PROMPTS, 32, 2, *extra)
         runs[verify] = result, logits
     result = runs[True][0]
@@ -101,7 +107,7 @@ def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
     "command, privacy, fault",
     [
         ("prefill", "plain", "Linear:3:shape"),
-        ("prefill", "plain", "Matmul:2:shape"),
+        ("prefill", "server-attention", "Matmul:2:shape"),
         ("prefill", "otp", "LinearRing:4:shape"),
         ("generate", "plain", "Residual:5:shape"),
     ],
@@ -112,7 +118,7 @@ def test_a_reply_of_the_wrong_shape_stops_any_client_in_one_line(
     """No --verify needed: every client holds each reply to what its request asks for (tee_client.ops.check_reply)."""
     folder = checkpoints("gqa")
     liar = lying_server(start_server, folder, fault, "short.ipc")
-    args = [command, "--endpoint", liar.endpoint, "--model", str(folder), "--privacy", privacy]
+    args = [command, "--endpoint", liar.endpoint, "--model", str(folder), *mode_flags(privacy)]
     args += ["--prompt", PROMPTS[0], "--output", str(tmp_path / "r.json")]
     args += ["--length", "24", "--warmup", "0"] if command == "prefill" else ["--max-new-tokens", "4"]
     capsys.readouterr()
