@@ -57,11 +57,13 @@ class Ops:
 
     def call(self, method: str, args: dict, tensors: Sequence[Tensor]) -> list[Tensor]:
         sent = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
+        # --verify: what its check needs of the request alone is done before the send, while that is in cache
+        verify = self.verifier.timed_begin(method, args, sent) if self.verifier is not None else None
         received = self.send(method, args, sent)[1]
         if self.config is not None:  # after Init: a reply holds what its request asks for, or the run stops here
             check_reply(self.config, self.wire_dtype, method, args, sent, received)
-        if self.verifier is not None:
-            self.verifier.timed_check(method, args, sent, received)
+        if verify is not None:
+            verify(received)
         return [t.float() if t.is_floating_point() else t for t in received]
 
     # ---- the model's linear steps -------------------------------------------------------------

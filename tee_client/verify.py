@@ -45,6 +45,7 @@ client stops at once and sends nothing further. A check cannot make a wrong serv
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -184,24 +185,39 @@ class Verifier:
 
     # ---- online: one check per reply -------------------------------------------------------------
 
-    def timed_check(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
-        """check(), timed into the recording Stats (timing.verify_ms, verify_checks)."""
+    def timed_begin(self, method: str, args: dict, sent: list[Tensor]) -> Callable[[list[Tensor]], None]:
+        """begin(), and the function it returns, each timed into the recording Stats (timing.verify_ms,
+        verify_checks)."""
+        finish = self.timed(self.begin, method, args, sent)
+        return lambda received: self.timed(finish, received)
+
+    def timed(self, step: Callable, *args):
         t0, before = time.perf_counter_ns(), self.checks
         with self.serial():
-            self.check(method, args, sent, received)
+            out = step(*args)
         if (stats := current()) is not None:
             stats.crypto_ns["verify"] += time.perf_counter_ns() - t0
             stats.verify_checks += self.checks - before
+        return out
 
     def check(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
-        if method == "Embedding":
-            self.embedding(sent[0], received[0])
-        elif method == "Linear":
+        """One call's check, whole."""
+        self.begin(method, args, sent)(received)
+
+    def begin(self, method: str, args: dict, sent: list[Tensor]) -> Callable[[list[Tensor]], None]:
+        """A call's check in two halves: what needs only the request runs now (tee_client.ops calls this before
+        sending it: its inputs are still in cache); the function returned checks the reply."""
+        if method == "Linear":
             layer, names = args["layer"], args["names"]
             labels = [f"Linear layer {layer} {name}" for name in names]
-            self.linear(labels, tuple((layer, n) for n in names), sent[0], received, args.get("bias", True))
-        elif method == "LMHead":
-            self.linear(["LMHead"], ("lm_head",), sent[0], received, False)
+            return self.linear(labels, tuple((layer, n) for n in names), sent[0], args.get("bias", True))
+        if method == "LMHead":
+            return self.linear(["LMHead"], ("lm_head",), sent[0], False)
+        return lambda received: self.whole(method, args, sent, received)
+
+    def whole(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
+        if method == "Embedding":
+            self.embedding(sent[0], received[0])
         elif method == "Matmul":
             self.matmul(sent[0], sent[1], args.get("transpose_b", False), received[0])
         elif method == "LMHeadRing":
@@ -224,18 +240,22 @@ class Verifier:
             worst = (rows.double() - expected.double()).abs().max().item()
             raise IntegrityError(f"Embedding rows differ from this client's own table (by up to {worst:.3g})")
 
-    def linear(self, labels: list[str], keys: tuple, x: Tensor, ys: list[Tensor], bias: bool) -> None:
+    def linear(self, labels: list[str], keys: tuple, x: Tensor, bias: bool) -> Callable[[list[Tensor]], None]:
         """Each Y_i (T, m_i) against X (T, n)·W_iᵀ + b_i, block by block, in float32: one GEMM of X against
-        the call's stacked W_iᵀ·r_i, one pass over each Y_i."""
+        the call's stacked W_iᵀ·r_i, now; one pass over each Y_i, in the function returned."""
         x_tn = x.reshape(-1, x.shape[-1]).float()
         draw = self.take("float", keys)
-        rows = fitting(labels, draw.widths, x_tn.shape[0], ys)
         expected = x_tn @ draw.v.T  # (T, Σ m_i/block)
         bound = torch.linalg.vector_norm(x_tn, dim=1, keepdim=True) * draw.spread  # ≥ ‖r∘(x·Wᵀ)‖ per block
         if bias and draw.bias_sums is not None:
             expected += draw.bias_sums
             bound += draw.bias_norms  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
-        self.compare(labels, rows, draw.rs, draw.blocks, expected, bound, x_tn.shape[-1], ys[0].dtype)
+
+        def check(ys: list[Tensor]) -> None:
+            rows = fitting(labels, draw.widths, x_tn.shape[0], ys)
+            self.compare(labels, rows, draw.rs, draw.blocks, expected, bound, x_tn.shape[-1], ys[0].dtype)
+
+        return check
 
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool, c: Tensor) -> None:
         """C (…, S, cols) against A·(B·r), block by block."""
