@@ -222,7 +222,7 @@ def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, att
 def summary(result: dict) -> str:
     t, pct, data = result["timing"], result["timing_percentage"], result["data_transfer"]
     lines = [
-        f"prefill  backend={result['backend']}  privacy={result['privacy']}  "
+        f"prefill  backend={result['backend']}  privacy={result['privacy']}  attention={result['attention']}  "
         f"model={result['model']} ({result['fingerprint'][:16]})  "
         f"dtype={result['dtype']}"
         + (f"  endpoint={result['endpoint']} ({result['transport']})" if result["endpoint"] else ""),
