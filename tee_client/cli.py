@@ -133,7 +133,8 @@ def add_run_flags(p: argparse.ArgumentParser, batch_help: str) -> None:
         choices=typing.get_args(Privacy),
         help="what the GPU host may see: plain (everything; the default), otp (uniform one-time-padded ring "
         "elements: nothing about the prompt), mix (tokens mixed in fresh random blocks: heuristic, faster); "
-        "otp and mix keep token ids and attention in this process and load --model here too",
+        "otp and mix keep token ids in this process too (attention is here in every mode unless --attention "
+        "server) and load --model here",
     )
     p.add_argument(
         "--attention",

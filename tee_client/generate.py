@@ -184,7 +184,7 @@ def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:
     try:
         spec, init_stats = start(ops, settings)
         input_ids, attention_mask, lengths, _ = encode_batch(spec.tokenizer, prompts, batch_size)
-        check_room(spec.config, batch_size, max(lengths), settings.max_new_tokens)
+        check_room(spec.config, batch_size, max(lengths), settings.max_new_tokens, settings.attention)
         run = generate(
             Llama(spec, ops, settings.attention),
             Sampler(settings.temperature, settings.top_k, settings.top_p, seed),
@@ -201,7 +201,7 @@ def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:
     return result_json(settings, spec, transport, prompts, lengths, seed, run)
 
 
-def check_room(config, batch: int, longest: int, new_tokens: int) -> None:
+def check_room(config, batch: int, longest: int, new_tokens: int, attention: str = "tee") -> None:
     """The longest prompt plus the new tokens must fit the model's context (and the prefill in memory)."""
     context = context_length(config)
     if longest + new_tokens > context:
@@ -209,7 +209,7 @@ def check_room(config, batch: int, longest: int, new_tokens: int) -> None:
             f"a prompt of {longest} tokens plus --max-new-tokens {new_tokens} is past the model's context of "
             f"{context} tokens; ask for at most {max(context - longest, 0)} new tokens, or shorten the prompt"
         )
-    check_length(config, batch, longest)
+    check_length(config, batch, longest, attention)
 
 
 def result_json(settings, spec, transport, prompts, lengths, seed, run: Generation) -> dict:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tee_client.ops import Ops
+from tee_client.settings import Attention
 from tee_client.stats import tee_op
 from tsqp.spec import ModelSpec, head_dim
 
@@ -66,15 +67,17 @@ class Pass:
     softmax scale), the additive mask over the keys they see, and, when generating, the cache and their positions."""
 
     rope: tuple[Tensor, Tensor, Tensor, Tensor]
-    mask: Tensor | None  # None: every token sees every key
-    causal: bool = False  # the mask is exactly causal (nothing padded): a fused kernel may skip it
+    mask: Tensor | None  # None: every token sees every key, or, with causal, the mask is left to the fused kernel
+    causal: bool = False  # the mask is exactly causal (nothing padded)
     cache: KVCache | None = None
     input_pos: Tensor | None = None  # (S,) shared by every row, or (B, S): see KVCache.update
     decoding: bool = False  # a decode step: one new token per row against the cache
 
 
 class Llama:
-    def __init__(self, spec: ModelSpec, ops: Ops, attention: str = "tee"):
+    def __init__(self, spec: ModelSpec, ops: Ops, attention: Attention = "tee"):
+        if attention not in ("tee", "server"):
+            raise ValueError(f"attention runs in the 'tee' or on the 'server', not {attention!r}")
         c = spec.config
         self.ops, self.config = ops, c
         self.server_attention = attention == "server"  # a prefill's Q·Kᵀ and P·V through ops.matmul
@@ -98,7 +101,7 @@ class Llama:
         bsz, seqlen = input_ids.shape
         positions = torch.arange(seqlen).expand(bsz, seqlen)
         # as transformers' batched forward: every row's rope for a sequence of S tokens (dynamic NTK cares)
-        step = Pass(self.rope(positions, torch.full((bsz,), seqlen)), *prefill_mask(attention_mask))
+        step = Pass(self.rope(positions, torch.full((bsz,), seqlen)), *self.prefill_mask(attention_mask))
         return self.run(input_ids, attention_mask, step, logits)
 
     @torch.inference_mode()
@@ -109,7 +112,7 @@ class Llama:
         cache.lengths = attention_mask.sum(dim=1)
         # each row's rope as if it were alone: for a sequence of its own length
         rope = self.rope(positions, cache.lengths)
-        step = Pass(rope, *prefill_mask(attention_mask), cache, positions[0])
+        step = Pass(rope, *self.prefill_mask(attention_mask), cache, positions[0])
         return self.run(input_ids, attention_mask, step, "last")[:, 0]
 
     @torch.inference_mode()
@@ -118,7 +121,7 @@ class Llama:
         pos = cache.lengths[:, None]  # (B, 1)
         mask = decode_mask(cache.lengths)  # None: all rows at one position, so nothing to hide
         input_pos = pos if mask is not None else pos[0]
-        step = Pass(self.rope(pos, cache.lengths + 1), mask, False, cache, input_pos, decoding=True)
+        step = Pass(self.rope(pos, cache.lengths + 1), mask, cache=cache, input_pos=input_pos, decoding=True)
         ids = tokens[:, None]
         logits = self.run_fused(ids, step) if self.fused_decode else self.run(ids, None, step, "all")
         cache.lengths = cache.lengths + 1
@@ -189,6 +192,12 @@ class Llama:
         # the softmax scale goes into the queries' rotation (D numbers per position), not into the S x S scores
         return cos, sin, cos * self.scale, sin * self.scale
 
+    def prefill_mask(self, attention_mask: Tensor) -> tuple[Tensor | None, bool]:
+        """A prefill's additive mask and whether it is exactly causal (nothing padded); no mask at all when it is
+        and attention runs here: the fused kernel's causal path needs none."""
+        causal = bool(attention_mask.all())
+        return (None if causal and not self.server_attention else additive_mask(attention_mask)), causal
+
     def new_cache(self, bsz: int, max_len: int) -> KVCache:
         return KVCache(self.n_layers, bsz, self.n_kv_heads, max_len, self.head_dim)
 
@@ -250,11 +259,6 @@ def additive_mask(attention_mask: Tensor) -> Tensor:
     return mask[:, None, None]  # (B, 1, 1, S, S)
 
 
-def prefill_mask(attention_mask: Tensor) -> tuple[Tensor, bool]:
-    """A prefill's additive mask, and whether it is exactly causal (no row padded)."""
-    return additive_mask(attention_mask), bool(attention_mask.all())
-
-
 @tee_op("mask")
 def decode_mask(positions: Tensor) -> Tensor | None:
     """For one new token per row at positions (B,): 0 on the keys 0..position, float32 min past it, (B, 1, 1, 1, L);
@@ -269,15 +273,16 @@ def decode_mask(positions: Tensor) -> Tensor | None:
 
 
 @tee_op("attention")
-def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, causal: bool) -> Tensor:
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     """softmax(q·kᵀ + mask)·v over a prefill's tokens, in the TEE: q (B, Hkv, rep, S, D), scaled already (through
-    its rotary tables), k, v (B, Hkv, 1, S, D), mask (B, 1, 1, S, S); (B, Hkv, rep, S, D).
+    its rotary tables), k, v (B, Hkv, 1, S, D) (a prefill's keys are its own tokens), mask (B, 1, 1, S, S), or
+    None when `causal`; (B, Hkv, rep, S, D).
 
     torch's fused attention, as transformers' own forward: no S x S scores of its own, and with `causal` (nothing
     padded) the masked half is never computed. Its query heads are the rep heads of each kv head, in order."""
     bsz, n_kv, rep, seqlen, d = q.shape
     q, k, v = q.reshape(bsz, n_kv * rep, seqlen, d), k.squeeze(2), v.squeeze(2)
-    if causal and k.shape[2] == seqlen:
+    if causal:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=True)
     else:
         out = F.scaled_dot_product_attention(q, k, v, mask[:, 0], scale=1.0, enable_gqa=True)

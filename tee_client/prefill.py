@@ -52,13 +52,15 @@ def context_length(config) -> int:
     )
 
 
-def check_length(config, batch: int, length: int) -> None:
+def check_length(config, batch: int, length: int, attention: str = "tee") -> None:
     """Refuse a length past the model's context, or one whose attention would not fit in memory."""
     context = context_length(config)
     if length > context:
         raise UsageError(f"--length {length} is past the model's context of {context} tokens")
-    # the largest buffers of one forward: a layer's scores and probabilities, the mask, the logits
-    need = 4 * batch * (2 * config.num_attention_heads * length**2 + length**2 + 2 * length * config.vocab_size)
+    # the largest buffers of one forward: the mask, the logits, and with --attention server a layer's scores and
+    # probabilities (the fused kernel here keeps no S x S of its own)
+    scores = 2 * config.num_attention_heads * length**2 if attention == "server" else 0
+    need = 4 * batch * (scores + length**2 + 2 * length * config.vocab_size)
     available = available_memory()
     if available is not None and need > available:
         raise UsageError(
@@ -100,7 +102,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
     ops = make_ops(settings)
     try:
         spec, init_stats = start(ops, settings)
-        check_length(spec.config, batch_size, settings.prefill_length)
+        check_length(spec.config, batch_size, settings.prefill_length, settings.attention)
         model = Llama(spec, ops, settings.attention)
         keep = settings.logits_kept
         rows = batch_size * settings.prefill_length

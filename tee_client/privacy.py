@@ -1,7 +1,7 @@
 """The privacy modes: what crosses to the GPU host is masked, the rest never leaves the TEE.
 
-    plain   ids and activations cross as they are (no wrapper); with --attention server the
-            attention scores and probabilities too
+    plain   ids and activations cross as they are (no wrapper); with --attention server also
+            Q, K, V, the attention scores and probabilities, and P·V
     otp     one-time pads in the ring Z_2^k (tee_client.masking, tsqp.ring): the server sees
             uniform ring elements, independent of the prompt; exact products, pads used once
     mix     fresh invertible mixing of blocks of tokens per call (heuristic, GELO-style); a call

@@ -54,7 +54,7 @@ class RunSettings(ClientSettings, ModelSettings):
     def attention_private(self) -> "RunSettings":
         if self.attention == "server" and self.privacy != "plain":
             raise ValueError(
-                f"--attention server sends queries, keys and attention probabilities to the GPU host: "
+                f"--attention server sends queries, keys, values, attention scores and probabilities to the GPU host: "
                 f"--privacy {self.privacy} keeps attention here (use --attention tee, the default)"
             )
         return self

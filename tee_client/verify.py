@@ -68,6 +68,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 HALF = (torch.float16, torch.bfloat16)
 ACCUMULATE = 2.0**-24  # products accumulate in float32 (CPU, and CUDA's GEMMs for every dtype here)
 UNIFORM_BITS = 53  # signed_uniform: U[0,1) from 53 random bits, the sign from one more
+CHECKED_WHOLE = ("Embedding", "Matmul", "LinearRing", "LMHeadRing")  # checked once the reply is in, all at once
 
 
 class IntegrityError(TSQPError):
@@ -201,7 +202,7 @@ class Verifier:
         return out
 
     def check(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
-        """One call's check, whole."""
+        """One call's check, both halves at once (a reply checked on its own, as the tests do)."""
         self.begin(method, args, sent)(received)
 
     def begin(self, method: str, args: dict, sent: list[Tensor]) -> Callable[[list[Tensor]], None]:
@@ -213,9 +214,12 @@ class Verifier:
             return self.linear(labels, tuple((layer, n) for n in names), sent[0], args.get("bias", True))
         if method == "LMHead":
             return self.linear(["LMHead"], ("lm_head",), sent[0], False)
-        return lambda received: self.whole(method, args, sent, received)
+        if method not in CHECKED_WHOLE:  # a reply no check covers must not pass as checked: nor be asked for
+            raise IntegrityError(f"{method}: --verify has no check for this reply")
+        return lambda received: self.after_reply(method, args, sent, received)
 
-    def whole(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
+    def after_reply(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
+        """The checks that need the reply before any of their work (CHECKED_WHOLE)."""
         if method == "Embedding":
             self.embedding(sent[0], received[0])
         elif method == "Matmul":
@@ -228,7 +232,7 @@ class Verifier:
             layer, names = args["layer"], args["names"]
             labels = [f"LinearRing layer {layer} {name}" for name in names]
             self.ring(labels, tuple((layer, n) for n in names), sent[0], received, spec)
-        else:  # a reply no check covers must not pass as checked
+        else:
             raise IntegrityError(f"{method}: --verify has no check for this reply")
 
     def embedding(self, ids: Tensor, rows: Tensor) -> None:
@@ -241,21 +245,51 @@ class Verifier:
             raise IntegrityError(f"Embedding rows differ from this client's own table (by up to {worst:.3g})")
 
     def linear(self, labels: list[str], keys: tuple, x: Tensor, bias: bool) -> Callable[[list[Tensor]], None]:
-        """Each Y_i (T, m_i) against X (T, n)·W_iᵀ + b_i, block by block, in float32: one GEMM of X against
-        the call's stacked W_iᵀ·r_i, now; one pass over each Y_i, in the function returned."""
+        """Each Y_i (T, m_i) against X (T, n)·W_iᵀ + b_i, block by block, in float32: one product of the call's
+        stacked W_iᵀ·r_i against X, now; one pass over each Y_i, in the function returned."""
         x_tn = x.reshape(-1, x.shape[-1]).float()
-        draw = self.take("float", keys)
-        expected = x_tn @ draw.v.T  # (T, Σ m_i/block)
-        bound = torch.linalg.vector_norm(x_tn, dim=1, keepdim=True) * draw.spread  # ≥ ‖r∘(x·Wᵀ)‖ per block
+        (tokens, inner), draw = x_tn.shape, self.take("float", keys)
+        expected = draw.v @ x_tn.T  # (Σ m_i/block, T): every block's sum, a row per block
+        bound = torch.outer(draw.spread, torch.linalg.vector_norm(x_tn, dim=1))  # ≥ ‖r∘(x·Wᵀ)‖ per block
         if bias and draw.bias_sums is not None:
-            expected += draw.bias_sums
-            bound += draw.bias_norms  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
+            expected += draw.bias_sums[:, None]
+            bound += draw.bias_norms[:, None]  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
+        if x.dtype == torch.float32 and draw.blocks == draw.widths:  # the reply's dtype: the request's
+            return self.rows_check(labels, draw, expected, self.tolerance(bound, inner, torch.float32))
 
         def check(ys: list[Tensor]) -> None:
-            rows = fitting(labels, draw.widths, x_tn.shape[0], ys)
-            self.compare(labels, rows, draw.rs, draw.blocks, expected, bound, x_tn.shape[-1], ys[0].dtype)
+            rows = fitting(labels, draw.widths, tokens, ys)
+            self.compare(labels, rows, draw.rs, draw.blocks, expected.T, bound.T, inner, ys[0].dtype)
 
         return check
+
+    def rows_check(self, labels, draw: Draw, expected: Tensor, tolerance: Tensor) -> Callable[[list[Tensor]], None]:
+        """compare() for float32 replies checked in whole rows (expected, tolerance: (modules, T)), everything but
+        Y·r done ahead: the window each row sum must fall in, so that the check of a reply is one matrix-vector
+        product per module and one pass over the sums. (Replies arrive with this process cold from waiting, when
+        each tensor operation costs tens of µs, far more than these few bytes.)"""
+        low, high = expected - tolerance, expected + tolerance
+        got = torch.empty_like(low)
+        sums = got.unbind(0)
+
+        def check(ys: list[Tensor]) -> None:
+            for y, r, out in zip(fitting(labels, draw.widths, got.shape[1], ys), draw.rs, sums, strict=True):
+                torch.mv(y, r, out=out)
+            self.checks += got.numel()
+            if not torch.equal(torch.clamp(got, low, high), got):  # NaN and inf fail too
+                self.failed(labels, draw.rs, draw.blocks, got.T, expected.T, tolerance.T)
+
+        return check
+
+    @staticmethod
+    def tolerance(bound: Tensor, inner: int, dtype, spread: Tensor | None = None) -> Tensor:
+        """SIGMAS standard deviations of honest rounding, per block: the server's float32 accumulation over `inner`
+        terms and ours, 2·ACCUMULATE·√inner·bound, plus the output's rounding, u/√3·‖r∘y‖, where `spread` is the
+        exact ‖r∘y‖ (float16, bfloat16) or, when None (float32), `bound` stands for it."""
+        accumulate, rounding = SIGMAS * 2 * ACCUMULATE * math.sqrt(inner), SIGMAS * UNIT_ROUNDOFF[dtype] / math.sqrt(3)
+        if spread is None:
+            return (accumulate + rounding) * bound
+        return accumulate * bound + rounding * spread
 
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool, c: Tensor) -> None:
         """C (…, S, cols) against A·(B·r), block by block."""
@@ -276,11 +310,8 @@ class Verifier:
         """Fail unless every block sum of y∘r is within SIGMAS standard deviations of honest rounding.
 
         ys[i] with secret rs[i] in blocks of blocks[i] owns the next rs[i].shape[-1]/blocks[i] columns of `expected`
-        and `bound`. bound:
-        an upper bound of ‖r∘y‖ per block from the inputs (Cauchy–Schwarz). The standard deviation is
-        2·ACCUMULATE·√inner·bound (the server's float32 accumulation and ours) plus the output's rounding,
-        u/√3·‖r∘y‖: float32 outputs take the bound for ‖r∘y‖, which costs no pass over y; float16 and bfloat16
-        need the exact ‖r∘y‖.
+        and `bound`, an upper bound of ‖r∘y‖ per block from the inputs (Cauchy–Schwarz): float32 outputs take it
+        for ‖r∘y‖ in the tolerance, which costs no pass over y; float16 and bfloat16 need the exact ‖r∘y‖.
         """
         half = dtype in HALF
         if half:
@@ -292,15 +323,19 @@ class Verifier:
         if got.shape != expected.shape:
             raise IntegrityError(f"{labels[0]}: reply of shape {tuple(ys[0].shape)} does not fit its operands")
         self.checks += got.numel()
-        accumulate, rounding = SIGMAS * 2 * ACCUMULATE * math.sqrt(inner), SIGMAS * UNIT_ROUNDOFF[dtype] / math.sqrt(3)
+        spread = None
         if half:
             spread = torch.cat([p[1] for p in parts], dim=-1) if len(parts) > 1 else parts[0][1]
-            tolerance = accumulate * bound + rounding * spread
-        else:
-            tolerance = (accumulate + rounding) * bound
-        gap = (got - expected).abs_()
-        if bool((gap <= tolerance).all()):  # NaN and inf fail: a reply cannot hide behind them
+        tolerance = self.tolerance(bound, inner, dtype, spread)
+        if bool(((got - expected).abs_() <= tolerance).all()):  # NaN and inf fail: a reply cannot hide behind them
             return
+        self.failed(labels, rs, blocks, got, expected, tolerance)
+
+    @staticmethod
+    def failed(labels, rs, blocks, got: Tensor, expected: Tensor, tolerance: Tensor) -> None:
+        """Raise IntegrityError naming the module whose block sum missed its window by the most (got, expected,
+        tolerance: (…, Σ blocks), the modules' blocks in order)."""
+        gap = (got - expected).abs_()
         fails = ~(gap <= tolerance)
         excess = torch.where(fails, (gap - tolerance).nan_to_num(nan=float("inf")), -float("inf"))
         worst = int(torch.argmax(excess.flatten()))

@@ -13,14 +13,17 @@ from transformers.models.llama.modeling_llama import (
 
 from checkpoints import BASE, VARIANTS
 from tee_client.model import (
+    Llama,
     additive_mask,
     apply_rope,
     masked_softmax,
     prefill_attention,
-    prefill_mask,
     rms_norm,
     rope_tables,
 )
+from tee_client.ops import LocalOps
+from tsqp.checkpoint import load_checkpoint
+from tsqp.engine import Engine
 
 
 def config(variant: str) -> LlamaConfig:
@@ -79,12 +82,11 @@ def test_attention_matches_transformers_eager_attention(where, padded):
         torch.randn(bsz, n_kv, 1, seqlen, dim),
     )
     attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0] if padded else [1] * 6, [1] * 6])
-    mask, causal = prefill_mask(attention_mask)
-    assert causal is not padded
+    mask = additive_mask(attention_mask)
     if where == "server":
         ours = masked_softmax(q @ k.transpose(-1, -2), dim**-0.5, mask) @ v  # (B, Hkv, rep, S, D)
-    else:
-        ours = prefill_attention(q * dim**-0.5, k, v, mask, causal)
+    else:  # nothing padded: the causal path, with no mask at all
+        ours = prefill_attention(q * dim**-0.5, k, v, mask if padded else None, causal=not padded)
 
     class Module(torch.nn.Module):
         num_key_value_groups = rep
@@ -100,3 +102,19 @@ def test_attention_matches_transformers_eager_attention(where, padded):
         config=cfg,
     )  # (B, S, H, D)
     torch.testing.assert_close(ours.reshape(bsz, n_kv * rep, seqlen, dim).transpose(1, 2), reference)
+
+
+@pytest.mark.parametrize("attention", ["tee", "server"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_forward_with_either_attention_matches_transformers(variant, attention, checkpoints):
+    """The whole forward in this process (tee-only ops), nothing padded (the fused kernel's causal path) and a
+    padded batch (its mask), against transformers' own forward on the same checkpoint."""
+    ckpt = load_checkpoint(checkpoints(variant), torch.float32, torch.device("cpu"))
+    ops = LocalOps(Engine(ckpt))
+    model = Llama(ops.init(), ops, attention)
+    ids = torch.arange(3, 43).reshape(2, 20)
+    for mask in (torch.ones_like(ids), torch.tensor([[1] * 20, [1] * 13 + [0] * 7])):
+        with torch.no_grad():
+            reference = ckpt.model(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(model.forward(ids, mask)[real], reference[real], atol=1e-4, rtol=0)

@@ -7,11 +7,12 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 
 from protocol.endpoints import Endpoint
 from protocol.errors import BadShape, ModelMismatch, RemoteError, TSQPError, UsageError, from_reply
 from protocol.security import keygen, load_keypair
-from tee_client.settings import ClientSettings, PrefillSettings
+from tee_client.settings import ClientSettings, GenerateSettings, PrefillSettings
 from tee_client.stats import Call, Stats
 
 
@@ -172,3 +173,16 @@ def test_shared_memory_is_for_ipc_without_curve_only(monkeypatch):
     assert not ClientSettings(gpu_endpoint="ipc:///tmp/x.ipc", shm=False).shared_memory
     monkeypatch.setenv("LLAMA_SHM", "0")
     assert not ClientSettings(gpu_endpoint="ipc:///tmp/x.ipc").shared_memory
+
+
+@pytest.mark.parametrize("command", [PrefillSettings, GenerateSettings])
+def test_attention_on_the_server_is_refused_in_a_privacy_mode_from_flags_and_environment(command, monkeypatch):
+    assert command().attention == "tee"
+    assert command(attention="server").attention == "server"  # plain: allowed
+    for mode in ("otp", "mix"):
+        with pytest.raises(ValidationError, match="keeps attention here"):
+            command(attention="server", privacy=mode)
+    monkeypatch.setenv("LLAMA_ATTENTION", "server")
+    monkeypatch.setenv("LLAMA_PRIVACY", "otp")
+    with pytest.raises(ValidationError, match="keeps attention here"):
+        command()
