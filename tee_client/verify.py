@@ -255,7 +255,7 @@ class Verifier:
             expected += draw.bias_sums[:, None]
             bound += draw.bias_norms[:, None]  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
         if x.dtype == torch.float32 and draw.blocks == draw.widths:  # the reply's dtype: the request's
-            return self.rows_check(labels, draw, expected, self.tolerance(bound, inner, torch.float32))
+            return self.rows_check(labels, draw, expected, self.tolerance(bound, inner, torch.float32), x.shape[:-1])
 
         def check(ys: list[Tensor]) -> None:
             rows = fitting(labels, draw.widths, tokens, ys)
@@ -263,18 +263,23 @@ class Verifier:
 
         return check
 
-    def rows_check(self, labels, draw: Draw, expected: Tensor, tolerance: Tensor) -> Callable[[list[Tensor]], None]:
-        """compare() for float32 replies checked in whole rows (expected, tolerance: (modules, T)), everything but
-        Y·r done ahead: the window each row sum must fall in, so that the check of a reply is one matrix-vector
-        product per module and one pass over the sums. (Replies arrive with this process cold from waiting, when
-        each tensor operation costs tens of µs, far more than these few bytes.)"""
+    def rows_check(
+        self, labels, draw: Draw, expected: Tensor, tolerance: Tensor, lead: torch.Size
+    ) -> Callable[[list[Tensor]], None]:
+        """compare() for float32 replies checked in whole rows (expected, tolerance: (modules, T); each reply
+        (*lead, width)), everything but Y·r done ahead: the window each row sum must fall in, and where it goes,
+        so that the check of a reply is one matrix-vector product per module and one comparison. (Replies arrive
+        with this process cold from waiting, when each tensor operation costs tens of µs, more than these bytes.)"""
         low, high = expected - tolerance, expected + tolerance
         got = torch.empty_like(low)
-        sums = got.unbind(0)
+        sums = [row.view(lead) for row in got.unbind(0)]  # each module's row sums, shaped as its reply's rows
 
         def check(ys: list[Tensor]) -> None:
-            for y, r, out in zip(fitting(labels, draw.widths, got.shape[1], ys), draw.rs, sums, strict=True):
-                torch.mv(y, r, out=out)
+            if len(ys) != len(sums) or any(y.shape != (*lead, w) for y, w in zip(ys, draw.widths, strict=True)):
+                rows = fitting(labels, draw.widths, got.shape[1], ys)  # fails, or a reply of other leading dims
+                ys = [y.view(*lead, w) for y, w in zip(rows, draw.widths, strict=True)]
+            for y, r, out in zip(ys, draw.rs, sums, strict=True):
+                torch.matmul(y, r, out=out)
             self.checks += got.numel()
             if not torch.equal(torch.clamp(got, low, high), got):  # NaN and inf fail too
                 self.failed(labels, draw.rs, draw.blocks, got.T, expected.T, tolerance.T)
