@@ -32,7 +32,7 @@ def mode_flags(mode: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "privacy, fault, named",
+    "mode, fault, named",
     [
         ("plain", "Linear:5", "Linear layer 1 q_proj"),
         ("server-attention", "Matmul:3", "Matmul"),
@@ -44,12 +44,12 @@ def mode_flags(mode: str) -> list[str]:
     ],
 )
 def test_a_wrong_reply_is_caught_every_time_with_verify_and_changes_logits_without(
-    privacy, fault, named, checkpoints, start_server, tmp_path, capsys
+    mode, fault, named, checkpoints, start_server, tmp_path, capsys
 ):
     folder = checkpoints("mqa-tied-bias")
     honest = start_server("--model", str(folder), name="honest.ipc")
     (tmp_path / "honest").mkdir(), (tmp_path / "fooled").mkdir(), (tmp_path / "caught").mkdir()
-    flags = mode_flags(privacy)
+    flags = mode_flags(mode)
     assert prefill(honest.endpoint, folder, tmp_path / "honest", *flags) == 0
     liar = lying_server(start_server, folder, fault, "liar.ipc")
     assert prefill(liar.endpoint, folder, tmp_path / "fooled", *flags) == 0
@@ -65,22 +65,22 @@ def test_a_wrong_reply_is_caught_every_time_with_verify_and_changes_logits_witho
     assert not (tmp_path / "caught" / "r.json").exists() and not (tmp_path / "caught" / "l.npz").exists()
 
 
-@pytest.mark.parametrize("privacy", ["plain", "server-attention", "otp", "mix"])
+@pytest.mark.parametrize("mode", ["plain", "server-attention", "otp", "mix"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_honest_servers_pass_and_verify_changes_no_logit(privacy, dtype, checkpoints, start_server, tmp_path):
+def test_honest_servers_pass_and_verify_changes_no_logit(mode, dtype, checkpoints, start_server, tmp_path):
     folder = checkpoints("gqa")
     server = start_server("--model", str(folder), "--dtype", dtype)
     runs = {}
     for verify in (False, True):
         out = tmp_path / str(verify)
         out.mkdir()
-        extra = mode_flags(privacy) + ["--model", str(folder), "--dtype", dtype] + (["--verify"] if verify else [])
+        extra = mode_flags(mode) + ["--model", str(folder), "--dtype", dtype] + (["--verify"] if verify else [])
         result, logits = run_prefill_cli(server.endpoint, out, PROMPTS, 32, 2, *extra)
         runs[verify] = result, logits
     result = runs[True][0]
     assert result["verify"] is True and result["verify_checks"] > 0 and result["timing"]["verify_ms"] > 0
     assert runs[False][0]["verify"] is False and runs[False][0]["verify_checks"] == 0
-    if privacy != "mix":  # mix draws fresh matrices each run: its float rounding differs run to run
+    if mode != "mix":  # mix draws fresh matrices each run: its float rounding differs run to run
         assert np.array_equal(runs[True][1]["logits"], runs[False][1]["logits"])
 
 
@@ -104,7 +104,7 @@ def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
 
 
 @pytest.mark.parametrize(
-    "command, privacy, fault",
+    "command, mode, fault",
     [
         ("prefill", "plain", "Linear:3:shape"),
         ("prefill", "server-attention", "Matmul:2:shape"),
@@ -113,12 +113,12 @@ def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
     ],
 )
 def test_a_reply_of_the_wrong_shape_stops_any_client_in_one_line(
-    command, privacy, fault, checkpoints, start_server, tmp_path, capsys
+    command, mode, fault, checkpoints, start_server, tmp_path, capsys
 ):
     """No --verify needed: every client holds each reply to what its request asks for (tee_client.ops.check_reply)."""
     folder = checkpoints("gqa")
     liar = lying_server(start_server, folder, fault, "short.ipc")
-    args = [command, "--endpoint", liar.endpoint, "--model", str(folder), *mode_flags(privacy)]
+    args = [command, "--endpoint", liar.endpoint, "--model", str(folder), *mode_flags(mode)]
     args += ["--prompt", PROMPTS[0], "--output", str(tmp_path / "r.json")]
     args += ["--length", "24", "--warmup", "0"] if command == "prefill" else ["--max-new-tokens", "4"]
     capsys.readouterr()
