@@ -9,14 +9,12 @@ import logging
 import time
 from pathlib import Path
 
-import msgpack
 import torch
-from pydantic import ValidationError
 
 from gpu_server.regions import Regions
 from protocol.errors import BadRequest, BadShape, ModelMismatch, RegionGone, TSQPError, UsageError
-from protocol.messages import Request, ShmAttachArgs, ShmDetachArgs
-from protocol.wire import PROTOCOL_VERSION, check_version, encode_tensors, unpack_header, unpack_tensors
+from protocol.messages import Request, ShmAttachArgs, ShmDetachArgs, parse
+from protocol.wire import PROTOCOL_VERSION, decode_header, encode_header, encode_tensors, loose_header, unpack_tensors
 from tsqp.engine import Engine
 from tsqp.methods import dispatch
 
@@ -45,11 +43,9 @@ class Handler:
 
     def handle(self, frames: list) -> list:
         self.served += 1
-        header = {}
         try:
             t0 = time.perf_counter_ns()
-            header = unpack_header(frames[0])
-            request = self.decode(header)
+            request = self.decode(frames[0])
             region = self.region(request)
             tensors = unpack_tensors(request.tensors, frames[1:], region and region.request)
             if region is not None:  # token ids are checked, then indexed with: not from memory the client can change
@@ -73,10 +69,10 @@ class Handler:
             t3 = time.perf_counter_ns()
         except Exception as e:  # every failure becomes a reply; the server keeps serving
             self.errors += 1
-            return [msgpack.packb(self.error_header(header, e), use_bin_type=True)]
+            return [encode_header(self.error_header(frames[0], e))]
         timing = {"decode_ms": (t1 - t0) / 1e6, "compute_ms": compute_ns / 1e6, "encode_ms": (t3 - t2) / 1e6}
         reply = {"v": PROTOCOL_VERSION, "id": request.id, "ok": True, "result": result, "tensors": specs}
-        return [msgpack.packb({**reply, "timing": timing}, use_bin_type=True), *buffers]
+        return [encode_header({**reply, "timing": timing}), *buffers]
 
     def region(self, request: Request):
         """The shared-memory region the request names (gpu_server.regions), or None: its tensors are frames."""
@@ -95,13 +91,12 @@ class Handler:
         if tensors:
             raise BadShape(f"{request.method} takes no tensors")
         if request.method == "ShmAttach":
-            return {"shm": self.regions.attach(ShmAttachArgs.model_validate(request.args))}, [], 0
-        self.regions.detach(ShmDetachArgs.model_validate(request.args).name)
+            return {"shm": self.regions.attach(parse(ShmAttachArgs, request.args))}, [], 0
+        self.regions.detach(parse(ShmDetachArgs, request.args).name)
         return {}, [], 0
 
-    def decode(self, header: dict) -> Request:
-        check_version(header)
-        request = Request.model_validate(header)
+    def decode(self, frame0) -> Request:
+        request = decode_header(frame0, Request)
         fingerprint = self.engine.ckpt.fingerprint
         if request.fingerprint not in (None, fingerprint):
             raise ModelMismatch(
@@ -116,12 +111,9 @@ class Handler:
         torch.save({"method": request.method, "args": request.args, "tensors": [t.clone() for t in tensors]}, path)
 
     @staticmethod
-    def error_header(header: dict, e: Exception) -> dict:
+    def error_header(frame0, e: Exception) -> dict:
+        header = loose_header(frame0)  # what the request says of itself, valid or not
         request_id = header.get("id") if isinstance(header.get("id"), int) else 0
-        if isinstance(e, ValidationError):
-            first = e.errors()[0]
-            kind = BadShape if first["loc"][:1] == ("tensors",) else BadRequest  # a tensor descriptor, or the rest
-            e = kind(f"invalid {header.get('method', 'request')!s:.40}: {first['loc']} {first['msg']}")
         if isinstance(e, TSQPError):
             error = {"type": type(e).__name__, "message": str(e)}
         else:  # a bug, or a library failing on input we did not foresee: the log keeps the traceback

@@ -19,7 +19,6 @@ import signal
 import time
 from pathlib import Path
 
-import msgpack
 import zmq
 
 from gpu_server.handler import Fault, Handler
@@ -28,7 +27,7 @@ from gpu_server.settings import ServerSettings
 from protocol.endpoints import Endpoint, make_private_dir, probe_ipc, runtime_dir
 from protocol.errors import EndpointBusy, UsageError
 from protocol.security import serve_curve
-from protocol.wire import PROTOCOL_VERSION, TORCH_DTYPES, recv_frames, send_frames
+from protocol.wire import PROTOCOL_VERSION, TORCH_DTYPES, encode_header, loose_header, recv_frames, send_frames
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
 
@@ -138,15 +137,11 @@ class Server:
     def refuse_waiting_requests(self) -> None:
         """Tell a client whose request came in after the signal that no answer is coming."""
         while self.socket.poll(0, zmq.POLLIN):
-            header = {}
-            try:
-                header = msgpack.unpackb(self.socket.recv_multipart()[0])
-            except Exception:  # noqa: BLE001  (whatever it was, it gets the same answer)
-                pass
-            request_id = header.get("id") if isinstance(header, dict) and isinstance(header.get("id"), int) else 0
+            header = loose_header(self.socket.recv_multipart()[0])  # whatever it was, it gets the same answer
+            request_id = header.get("id") if isinstance(header.get("id"), int) else 0
             error = {"type": "ServerStopping", "message": f"gpu-server on {self.endpoint.url} is stopping"}
             reply = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": error}
-            self.socket.send(msgpack.packb(reply))
+            self.socket.send(encode_header(reply))
 
     # ---- endpoint ---------------------------------------------------------------------------
 

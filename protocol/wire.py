@@ -2,7 +2,7 @@
 
 Every request and every reply is one ZeroMQ multipart message (REQ/REP):
 
-    frame 0    msgpack header, validated by the pydantic models in protocol.messages
+    frame 0    msgpack header, decoded straight into the Structs of protocol.messages
     frame 1..  one frame per entry of header["tensors"] without "shm": the tensor's raw
                bytes, C-contiguous, little-endian, exactly prod(shape) * itemsize long
 
@@ -31,12 +31,12 @@ the final send.
 import warnings
 from collections.abc import Sequence
 
-import msgpack
+import msgspec
 import torch
 import zmq
 
 from protocol.errors import BadRequest, BadShape, VersionMismatch
-from protocol.messages import ITEMSIZE, TensorSpec
+from protocol.messages import ITEMSIZE, Reply, Request, TensorSpec
 
 PROTOCOL_VERSION = 2  # 2: tensors may lie in shared memory (protocol.shm)
 
@@ -83,25 +83,58 @@ def encode_tensors(tensors: Sequence[torch.Tensor], area=None) -> tuple[list[dic
     return specs, buffers
 
 
+ENCODER = msgspec.msgpack.Encoder()
+UNREADABLE = (msgspec.DecodeError, ValueError, RecursionError)  # bad msgpack, bad UTF-8, nested too deep
+DECODERS = {kind: msgspec.msgpack.Decoder(kind) for kind in (Request, Reply)}
+
+
+def encode_header(header: dict) -> bytes:
+    return ENCODER.encode(header)
+
+
 def pack(header: dict, tensors: Sequence[torch.Tensor] = (), area=None) -> list:
     """Frames for one message: the msgpack header, then each tensor's raw buffer (unless it went to `area`)."""
     specs, buffers = encode_tensors(tensors, area)
-    return [msgpack.packb({**header, "tensors": specs}, use_bin_type=True), *buffers]
+    return [ENCODER.encode({**header, "tensors": specs}), *buffers]
 
 
-def unpack_header(frame0) -> dict:
+def decode_header(frame0, kind: type[Request] | type[Reply]) -> Request | Reply:
+    """Frame 0 as a `kind`, decoded and validated in one pass; VersionMismatch for a peer speaking another
+    version, BadShape for a broken tensor descriptor, BadRequest for anything else that is wrong."""
     try:
-        header = msgpack.unpackb(memoryview(frame0), raw=False, strict_map_key=True)
-    except Exception as e:
-        raise BadRequest(f"header is not valid msgpack ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise BadRequest("header must be a msgpack map")
+        header = DECODERS[kind].decode(frame0)
+    except UNREADABLE as e:
+        raise header_error(frame0, e) from None
+    if header.v != PROTOCOL_VERSION:
+        raise version_mismatch(header.v)
     return header
 
 
-def check_version(header: dict) -> None:
+def loose_header(frame0) -> dict:
+    """Frame 0 as a plain map, whatever it holds ({} if it is none): for the error path, where the typed
+    decode failed but a reply still names the request's id."""
+    try:
+        header = msgspec.msgpack.decode(frame0)
+    except UNREADABLE:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def header_error(frame0, e: Exception) -> Exception:
+    """Why a header did not decode, as the error its sender is told (another version first)."""
+    if not isinstance(e, msgspec.ValidationError):
+        return BadRequest(f"header is not valid msgpack ({type(e).__name__}: {e})")
+    header = loose_header(frame0)
+    if not header:
+        return BadRequest("header must be a msgpack map")
     if header.get("v") != PROTOCOL_VERSION:
-        raise VersionMismatch(f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
+        return version_mismatch(header.get("v"))
+    kind = BadShape if "at `$.tensors" in str(e) else BadRequest  # a tensor descriptor, or the rest
+    return kind(f"invalid {header.get('method', 'header')!s:.40}: {e}")
+
+
+def version_mismatch(v) -> VersionMismatch:
+    return VersionMismatch(f"protocol version {v!r}, this side speaks {PROTOCOL_VERSION}")
 
 
 def unpack_tensors(specs: Sequence[TensorSpec], frames: Sequence, area=None) -> list[torch.Tensor]:

@@ -24,21 +24,29 @@ from dataclasses import dataclass
 
 import torch
 import zmq
-from pydantic import ValidationError
 from torch import Tensor
 
 from protocol.endpoints import Endpoint, probe_ipc
-from protocol.errors import BadRequest, ModelMismatch, RegionGone, ServerUnavailable, TooLarge, TSQPError, from_reply
-from protocol.messages import Reply, ShmOffer, ShmRegion
+from protocol.errors import (
+    BadReply,
+    BadRequest,
+    VersionMismatch,
+    ModelMismatch,
+    RegionGone,
+    ServerUnavailable,
+    TooLarge,
+    TSQPError,
+    from_reply,
+)
+from protocol.messages import Reply, ShmOffer, ShmRegion, parse
 from protocol.shm import MIN_AREA, Area, aligned, area_size, open_segment
 from protocol.wire import (
     PROTOCOL_VERSION,
-    check_version,
+    decode_header,
     frame_bytes,
     pack,
     recv_frames,
     send_frames,
-    unpack_header,
     unpack_tensors,
 )
 from tee_client.stats import Call, current
@@ -164,12 +172,17 @@ class RpcClient:
         return None
 
     def decode(self, frames: list, region: "ClientRegion | None" = None) -> tuple[Reply, list[Tensor]]:
-        header = unpack_header(frames[0])
-        check_version(header)
-        reply = Reply.model_validate(header)
+        try:
+            reply = decode_header(frames[0], Reply)
+        except VersionMismatch:
+            raise
+        except BadRequest as e:  # a server that sent what no version of this protocol is
+            raise BadReply(f"the server's reply header is malformed: {e}") from None
         if reply.id != self.next_id:
             raise BadRequest(f"reply id {reply.id} does not match request {self.next_id}")
         if not reply.ok:
+            if reply.error is None:
+                raise BadReply("the server replied not ok, naming no error")
             error = from_reply(reply.error.type, reply.error.message)
             if isinstance(error, ModelMismatch):
                 raise ModelMismatch(f"the server at {self.endpoint.url} changed model mid-run: {error}")
@@ -191,8 +204,8 @@ class RpcClient:
         offer = result.get("shm")
         if self.shm_wanted and offer is not None and self.shm_offer is None:
             try:
-                self.shm_offer = ShmOffer.model_validate(offer)
-            except ValidationError:
+                self.shm_offer = parse(ShmOffer, offer)
+            except BadRequest:
                 self.shm_wanted = False  # a server we do not understand: frames
 
     def region_for(self, tensors: Sequence[Tensor]) -> "ClientRegion | None":
@@ -214,14 +227,14 @@ class RpcClient:
         old, self.region = self.region, None
         args = {"request_bytes": request_bytes, "reply_bytes": reply_bytes, "replaces": old and old.name}
         try:
-            info = ShmRegion.model_validate(self.call("ShmAttach", args)[0]["shm"])
+            info = parse(ShmRegion, self.call("ShmAttach", args)[0]["shm"])
             if info.request_bytes > request_bytes or info.reply_bytes > reply_bytes:
                 raise BadRequest("the server made a larger region than asked for")
             segment = open_segment(self.shm_dir, info.name, info.request_bytes + info.reply_bytes)
             region = ClientRegion(info.name, *segment.areas(info.request_bytes))
         except ServerUnavailable:
             raise  # nothing answers: that is the user's error, not shared memory's
-        except (TSQPError, OSError, ValidationError, KeyError, TypeError):
+        except (TSQPError, OSError, KeyError, TypeError):
             self.shm_offer = None  # no error to the user: every call goes on as frames
             return None
         self.region = region

@@ -9,6 +9,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -129,7 +130,7 @@ def test_results_through_shared_memory_equal_frames_and_leave_the_request_area_a
     header, _ = reply_of(
         shm.handler, request("Linear", args, [("float32", [3, 64], [0, x.nbytes])], shm=shm.name), shm.reply
     )
-    placed = [shm.reply.view(TensorSpec.model_validate(t)).clone() for t in header["tensors"]]
+    placed = [shm.reply.view(msgspec.convert(t, TensorSpec)).clone() for t in header["tensors"]]
     framed, frames = reply_of(shm.handler, request("Linear", args, [("float32", [3, 64], x.numpy().tobytes())]))
     assert [t["shape"] for t in header["tensors"]] == [t["shape"] for t in framed["tensors"]] == [[3, 64], [3, 32]]
     for a, f in zip(placed, frames, strict=True):

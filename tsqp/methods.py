@@ -1,6 +1,6 @@
 """The method table: every call the linear side answers, in one place.
 
-Each entry names the method, the pydantic model of its arguments, how many tensors it takes,
+Each entry names the method, the Struct of its arguments (protocol.messages), how many tensors it takes,
 the engine call it dispatches to, and the shapes of its reply. gpu-server's handler (behind
 ZeroMQ) and the in-process backends of tee-client both go through `dispatch`, so validation,
 the engine call and its timing are written once; tee-client holds every reply to its shapes
@@ -13,13 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
-
-from pydantic import BaseModel
 from torch import Tensor
 
 from protocol.errors import BadShape, UnknownMethod
-from protocol.messages import LinearArgs, LinearRingArgs, MatmulArgs, NoArgs, ResidualArgs, RingArgs
+from protocol.messages import LinearArgs, LinearRingArgs, MatmulArgs, NoArgs, ResidualArgs, RingArgs, parse
 from tsqp.engine import Engine
 from tsqp.ring import RingSpec
 from tsqp.spec import out_features
@@ -29,9 +28,9 @@ Result = tuple[dict, list[Tensor]]
 
 @dataclass(frozen=True)
 class Method:
-    args: type[BaseModel]
+    args: type[msgspec.Struct]
     n_tensors: int | None  # None: any number (Echo)
-    run: Callable[[Engine, BaseModel, list[Tensor]], Result]
+    run: Callable[[Engine, msgspec.Struct, list[Tensor]], Result]
     # the shapes of the result's tensors, from the model's config, the request's args (as sent) and tensors; None:
     # nothing to say (Init, Ping, Echo). The client holds every reply to them (tee_client.ops.check_reply).
     shapes: Callable[[Any, dict, list[Tensor]], list[tuple]] | None = None
@@ -110,7 +109,7 @@ def lookup(name: str, n_tensors: int) -> Method:
 def dispatch(engine: Engine, name: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor], int]:
     """Validate, run `name` on `engine`, wait for the device: (result, tensors, compute ns)."""
     method = lookup(name, len(tensors))
-    parsed = method.args.model_validate(args)
+    parsed = parse(method.args, args)
     t0 = time.perf_counter_ns()
     result, out = method.run(engine, parsed, tensors)
     engine.synchronize()
