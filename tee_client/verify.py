@@ -68,6 +68,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 HALF = (torch.float16, torch.bfloat16)
 ACCUMULATE = 2.0**-24  # products accumulate in float32 (CPU, and CUDA's GEMMs for every dtype here)
 UNIFORM_BITS = 53  # signed_uniform: U[0,1) from 53 random bits, the sign from one more
+SIGNS = torch.tensor([-1.0, 1.0]).view(2, 1, 1)  # the two ends of a window
 CHECKED_WHOLE = ("Embedding", "Matmul", "LinearRing", "LMHeadRing")  # checked once the reply is in, all at once
 
 
@@ -86,6 +87,8 @@ class Draw:
     spread: Tensor | None = None  # float: (Σ m_pad/block,) ‖r∘‖w‖‖ per block, so ‖r∘(x·Wᵀ)‖ ≤ ‖x‖·spread
     bias_sums: Tensor | None = None  # float, weights with a bias: (Σ m_pad/block,) Σ_{j in block} r_j·b_j
     bias_norms: Tensor | None = None  # and ‖r∘b‖ per block
+    window: Tensor | None = None  # float32 weights: (2, Σ m_pad/block, 1), ∓ the tolerance per unit of ‖x‖ per block
+    bias_window: Tensor | None = None  # and (Σ m_pad/block,) the part a bias adds
     digits: tuple | None = None  # ring: (limb bits h, ring_digits(v, h)), made once h is known
 
 
@@ -104,6 +107,7 @@ class Verifier:
         self.pool_size = 0
         self.limb_bits: int | None = None  # the otp ring's limb width, once a ring reply was seen
         self.threads = torch.get_num_threads()  # what the checks' few compute-bound products may use
+        self.sums: dict = {}  # (modules, reply rows' shape) -> scratch for a rows check's sums (scratch())
         self.checks = 0
 
     def expect(self, spec) -> None:
@@ -153,6 +157,12 @@ class Verifier:
                 s, n = block_dot_and_norms(b.float(), r, block) if b is not None else (zero, zero)
                 sums.append(s), norms.append(n)
             draw.bias_sums, draw.bias_norms = torch.cat(sums), torch.cat(norms)
+        if kind == "float" and all(self.weight(key).dtype == torch.float32 for key in keys):
+            inner = draw.v.shape[1]  # float32 replies: the tolerance is linear in ‖x‖, scaled now rather than per call
+            draw.window = torch.stack([-draw.spread, draw.spread])[:, :, None]
+            draw.window = self.tolerance(draw.window, inner, torch.float32)
+            if draw.bias_norms is not None:
+                draw.bias_window = self.tolerance(draw.bias_norms, inner, torch.float32)
         return draw
 
     def float_draw(self, key) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,9 +203,15 @@ class Verifier:
         return lambda received: self.timed(finish, received)
 
     def timed(self, step: Callable, *args):
+        """step(*args) on one thread: nearly every step of a check is a pass over memory, and waking the other
+        (passive) OpenMP thread for each one cost more than it gave (about a fifth of the checks' time here)."""
         t0, before = time.perf_counter_ns(), self.checks
-        with self.serial():
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
             out = step(*args)
+        finally:
+            torch.set_num_threads(self.threads)
         if (stats := current()) is not None:
             stats.crypto_ns["verify"] += time.perf_counter_ns() - t0
             stats.verify_checks += self.checks - before
@@ -249,13 +265,14 @@ class Verifier:
         stacked W_iᵀ·r_i against X, now; one pass over each Y_i, in the function returned."""
         x_tn = x.reshape(-1, x.shape[-1]).float()
         (tokens, inner), draw = x_tn.shape, self.take("float", keys)
+        biased = bias and draw.bias_sums is not None
+        if x.dtype == torch.float32 and draw.window is not None and draw.blocks == draw.widths:  # reply dtype: x's
+            return self.rows_check(labels, draw, x_tn, biased, x.shape[:-1])
         expected = draw.v @ x_tn.T  # (Σ m_i/block, T): every block's sum, a row per block
         bound = torch.outer(draw.spread, torch.linalg.vector_norm(x_tn, dim=1))  # ≥ ‖r∘(x·Wᵀ)‖ per block
-        if bias and draw.bias_sums is not None:
+        if biased:
             expected += draw.bias_sums[:, None]
             bound += draw.bias_norms[:, None]  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
-        if x.dtype == torch.float32 and draw.blocks == draw.widths:  # the reply's dtype: the request's
-            return self.rows_check(labels, draw, expected, self.tolerance(bound, inner, torch.float32), x.shape[:-1])
 
         def check(ys: list[Tensor]) -> None:
             rows = fitting(labels, draw.widths, tokens, ys)
@@ -263,16 +280,20 @@ class Verifier:
 
         return check
 
-    def rows_check(
-        self, labels, draw: Draw, expected: Tensor, tolerance: Tensor, lead: torch.Size
-    ) -> Callable[[list[Tensor]], None]:
-        """compare() for float32 replies checked in whole rows (expected, tolerance: (modules, T); each reply
-        (*lead, width)), everything but Y·r done ahead: the window each row sum must fall in, and where it goes,
-        so that the check of a reply is one matrix-vector product per module and one comparison. (Replies arrive
-        with this process cold from waiting, when each tensor operation costs tens of µs, more than these bytes.)"""
-        low, high = expected - tolerance, expected + tolerance
-        got = torch.empty_like(low)
-        sums = [row.view(lead) for row in got.unbind(0)]  # each module's row sums, shaped as its reply's rows
+    def rows_check(self, labels, draw: Draw, x_tn: Tensor, biased: bool, lead: torch.Size):
+        """compare() for float32 replies checked in whole rows (x_tn: (T, n); each reply (*lead, width)), everything
+        but Y·r done ahead: the window each row sum must fall in, and where it goes, so that the check of a reply
+        is one matrix-vector product per module and one comparison. In as few tensor operations as the algebra
+        allows, the tolerance's constants scaled in the draw: in place, between the TEE's own steps and after a
+        wait, each operation costs ~10 µs, more than most of these bytes."""
+        norms = torch.linalg.vector_norm(x_tn, dim=1)  # (T,)
+        if biased:  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
+            expected = torch.addmm(draw.bias_sums[:, None], draw.v, x_tn.T)  # (modules, T)
+            tolerance = torch.addr(draw.bias_window[:, None], draw.window[1, :, 0], norms)
+            low, high = torch.addcmul(expected, SIGNS, tolerance)
+        else:  # the window each row sum must fall in, both ends in one operation: (2, modules, T)
+            low, high = torch.addcmul(draw.v @ x_tn.T, draw.window, norms)
+        got, sums = self.scratch(len(draw.widths), lead)
 
         def check(ys: list[Tensor]) -> None:
             if len(ys) != len(sums) or any(y.shape != (*lead, w) for y, w in zip(ys, draw.widths, strict=True)):
@@ -282,9 +303,18 @@ class Verifier:
                 torch.matmul(y, r, out=out)
             self.checks += got.numel()
             if not torch.equal(torch.clamp(got, low, high), got):  # NaN and inf fail too
-                self.failed(labels, draw.rs, draw.blocks, got.T, expected.T, tolerance.T)
+                self.failed(labels, draw.rs, draw.blocks, got.T, ((low + high) / 2).T, ((high - low) / 2).T)
 
         return check
+
+    def scratch(self, modules: int, lead: torch.Size) -> tuple[Tensor, list[Tensor]]:
+        """Where a rows check's sums go: (modules, T), and each row shaped as its reply's rows. Reused from call to
+        call (made once per shape; the checks run one at a time, and each fills every row before reading it)."""
+        key = modules, tuple(lead)
+        if key not in self.sums:
+            got = torch.empty(modules, math.prod(lead))
+            self.sums[key] = got, [row.view(lead) for row in got.unbind(0)]
+        return self.sums[key]
 
     @staticmethod
     def tolerance(bound: Tensor, inner: int, dtype, spread: Tensor | None = None) -> Tensor:
@@ -380,19 +410,8 @@ class Verifier:
     # ---- helpers ---------------------------------------------------------------------------------
 
     @contextmanager
-    def serial(self):
-        """One thread: nearly every step of a check is a pass over memory, and waking the other (passive)
-        OpenMP thread for each one cost more than it gave (about a fifth of the checks' time here)."""
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(self.threads)
-
-    @contextmanager
     def parallel(self):
-        """The threads the caller had, for a compute-bound product inside serial()."""
+        """The threads the caller had, for a compute-bound product inside timed()."""
         serial = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
