@@ -6,8 +6,10 @@ as tee-client builds them (plain, with --attention server too, and otp, each wit
 Each forward is prepared as tee-client prepares it (ops.prepare before it: the otp pads and
 --verify's secrets, timed as offline) and keeps the logits tee-client keeps (--logits, default
 last). After --warmup untimed forwards each, --runs rounds visit every variant in turn, so drift
-hits all alike; each point is a median (with the IQR and the range of the runs), and the
-overhead is the ratio of medians measured in the same rounds.
+hits all alike; each point is a median (with the IQR and the range of the runs). The overhead
+three ways: the ratio of medians; the median over rounds of each round's ratio (verified against
+unverified in the same round, seconds apart: what drift between rounds cannot move); and the
+checks' own time (the median run's timing.verify_ms) as a share of the unverified median.
 """
 
 import argparse
@@ -93,9 +95,13 @@ def summarize(runs: dict) -> dict:
             "offline_ms": summary["timing"]["offline_ms"],
             "checks": stats.verify_checks,
         }
-    for name in out:
-        base = name.removesuffix("+verify")
-        out[name]["vs_unverified"] = out[name]["median_ms"] / out[base]["median_ms"] if base in out else None
+    for name, v in out.items():
+        base = out.get(name.removesuffix("+verify"))
+        v["vs_unverified"] = v["median_ms"] / base["median_ms"] if base else None
+        v["paired_vs_unverified"] = (
+            float(np.median(np.divide(v["runs_ms"], base["runs_ms"]))) if base else None
+        )  # round by round
+        v["verify_share"] = v["verify_ms"] / base["median_ms"] if base else None
     return out
 
 
@@ -130,12 +136,18 @@ def table(data: dict) -> str:
                     f"{v['verify_ms']:.0f}",
                     f"{v['offline_ms']:.0f}",
                     v["checks"],
-                    "–" if v["vs_unverified"] is None else f"{(v['vs_unverified'] - 1) * 100:+.1f}%",
+                    percent(v["vs_unverified"], -1),
+                    percent(v.get("paired_vs_unverified"), -1),
+                    percent(v.get("verify_share"), 0, signed=False),
                 ]
             )
     header = ["length", "mode", "median ms", "IQR ms", "range ms", "verify ms", "offline ms", "checks"]
-    header += ["vs same mode unverified"]
+    header += ["vs same mode unverified (medians)", "paired, per round", "verify ms / unverified"]
     return markdown_table(header, rows)
+
+
+def percent(ratio: float | None, less: float, signed: bool = True) -> str:
+    return "–" if ratio is None else f"{(ratio + less) * 100:{'+' if signed else ''}.1f}%"
 
 
 def main(argv=None) -> int:
