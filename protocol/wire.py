@@ -95,7 +95,7 @@ def encode_header(header: dict) -> bytes:
 def pack(header: dict, tensors: Sequence[torch.Tensor] = (), area=None) -> list:
     """Frames for one message: the msgpack header, then each tensor's raw buffer (unless it went to `area`)."""
     specs, buffers = encode_tensors(tensors, area)
-    return [ENCODER.encode({**header, "tensors": specs}), *buffers]
+    return [encode_header({**header, "tensors": specs}), *buffers]
 
 
 def decode_header(frame0, kind: type[Request] | type[Reply]) -> Request | Reply:

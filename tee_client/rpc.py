@@ -30,12 +30,12 @@ from protocol.endpoints import Endpoint, probe_ipc
 from protocol.errors import (
     BadReply,
     BadRequest,
-    VersionMismatch,
     ModelMismatch,
     RegionGone,
     ServerUnavailable,
     TooLarge,
     TSQPError,
+    VersionMismatch,
     from_reply,
 )
 from protocol.messages import Reply, ShmOffer, ShmRegion, parse

@@ -159,8 +159,7 @@ class Verifier:
             draw.bias_sums, draw.bias_norms = torch.cat(sums), torch.cat(norms)
         if kind == "float" and all(self.weight(key).dtype == torch.float32 for key in keys):
             inner = draw.v.shape[1]  # float32 replies: the tolerance is linear in ‖x‖, scaled now rather than per call
-            draw.window = torch.stack([-draw.spread, draw.spread])[:, :, None]
-            draw.window = self.tolerance(draw.window, inner, torch.float32)
+            draw.window = self.tolerance(torch.stack([-draw.spread, draw.spread])[:, :, None], inner, torch.float32)
             if draw.bias_norms is not None:
                 draw.bias_window = self.tolerance(draw.bias_norms, inner, torch.float32)
         return draw

@@ -186,3 +186,27 @@ def test_attention_on_the_server_is_refused_in_a_privacy_mode_from_flags_and_env
     monkeypatch.setenv("LLAMA_PRIVACY", "otp")
     with pytest.raises(ValidationError, match="keeps attention here"):
         command()
+
+
+def test_a_reply_header_no_server_of_this_protocol_sends_is_a_bad_reply():
+    """Unreadable, mistyped, or not ok naming no error: BadReply, in one line; another version: VersionMismatch."""
+    import msgspec
+
+    from protocol.errors import BadReply, VersionMismatch
+    from protocol.wire import PROTOCOL_VERSION
+    from tee_client.rpc import RpcClient
+
+    encode = msgspec.msgpack.encode
+    with RpcClient("tcp://127.0.0.1:9", timeout_s=1, retries=0) as rpc:  # decode only: nothing is sent
+        for frame in (
+            b"\xc1",
+            encode([1, 2]),
+            encode({"v": PROTOCOL_VERSION, "id": 0, "ok": "yes"}),
+            encode({"v": PROTOCOL_VERSION, "id": 0, "ok": True, "tensors": [{"dtype": "float64", "shape": [1]}]}),
+            encode({"v": PROTOCOL_VERSION, "id": 0, "ok": False}),
+        ):
+            with pytest.raises(BadReply):
+                rpc.decode([frame])
+        with pytest.raises(VersionMismatch):
+            rpc.decode([encode({"v": PROTOCOL_VERSION + 1, "id": 0, "ok": True, "extra": 1})])
+        assert rpc.decode([encode({"v": PROTOCOL_VERSION, "id": 0, "ok": True})])[0].ok  # the control
