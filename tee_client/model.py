@@ -28,6 +28,9 @@ from tee_client.stats import tee_op
 from tsqp.spec import ModelSpec, head_dim
 
 
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
 class KVCache:
     """Every layer's keys (after RoPE) and values, float32, (B, Hkv, 1, max_len, D) each, in the TEE.
 
@@ -131,13 +134,13 @@ class Llama:
         """`run` in two calls per layer, logits at every position: each Residual call returns the new residual
         stream and the next modules' products of it, to be scaled by its 1/rms (the server applied the weight)."""
         x = self.ops.embedding(input_ids)
-        qkv = self.ops.linear(0, ("q_proj", "k_proj", "v_proj"), rms_norm(x, self.attention_norms[0], self.eps))
+        qkv = self.ops.linear(0, QKV, rms_norm(x, self.attention_norms[0], self.eps), normed=True)
         for layer in range(self.n_layers):
             h, gate, up = self.ops.residual(
                 layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step), x
             )
             gate, up = rms_scale(h, (gate, up), self.eps)
-            nexts = ("lm_head",) if layer + 1 == self.n_layers else ("q_proj", "k_proj", "v_proj")
+            nexts = ("lm_head",) if layer + 1 == self.n_layers else QKV
             x, *qkv = self.ops.residual(layer, "down_proj", nexts, silu_mul(gate, up), h)
             qkv = rms_scale(x, qkv, self.eps)
         return qkv[0]  # the logits
@@ -148,15 +151,16 @@ class Llama:
             x = self.block(layer, x, step)
         if logits == "last":
             x = x[torch.arange(x.shape[0]), last_positions(attention_mask)].unsqueeze(1)
-        return self.ops.lm_head(rms_norm(x, self.final_norm, self.eps))
+        return self.ops.lm_head(rms_norm(x, self.final_norm, self.eps), normed=True)
 
     def block(self, layer: int, x: Tensor, step: Pass) -> Tensor:
         h = residual(x, self.attention(layer, rms_norm(x, self.attention_norms[layer], self.eps), step))
         return residual(h, self.feed_forward(layer, rms_norm(h, self.ffn_norms[layer], self.eps)))
 
     def attention(self, layer: int, x: Tensor, step: Pass) -> Tensor:
+        """x: the output of this layer's input RMSNorm (`normed` tells the ops so: --verify bounds its rows)."""
         # QKV
-        q, k, v = self.ops.linear(layer, ("q_proj", "k_proj", "v_proj"), x)
+        q, k, v = self.ops.linear(layer, QKV, x, normed=True)
         return self.ops.linear(layer, ("o_proj",), self.attend(layer, q, k, v, step))[0]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, step: Pass) -> Tensor:
@@ -184,7 +188,8 @@ class Llama:
         return out.permute(0, 3, 1, 2, 4).reshape(bsz, seqlen, self.n_heads * self.head_dim)
 
     def feed_forward(self, layer: int, x: Tensor) -> Tensor:
-        gate, up = self.ops.linear(layer, ("gate_proj", "up_proj"), x)
+        """x: the output of this layer's post-attention RMSNorm."""
+        gate, up = self.ops.linear(layer, ("gate_proj", "up_proj"), x, normed=True)
         return self.ops.linear(layer, ("down_proj",), silu_mul(gate, up))[0]
 
     def rope(self, positions: Tensor, seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

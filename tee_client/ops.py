@@ -55,10 +55,12 @@ class Ops:
             self.verifier.expect(spec)
         return spec
 
-    def call(self, method: str, args: dict, tensors: Sequence[Tensor]) -> list[Tensor]:
+    def call(self, method: str, args: dict, tensors: Sequence[Tensor], normed: bool = False) -> list[Tensor]:
+        """`normed`: the input's rows are the output of the RMSNorm in front of the modules called, which lets
+        --verify bound their norms without a pass over them."""
         sent = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
         # --verify: what its check needs of the request alone is done before the send, while that is in cache
-        verify = self.verifier.timed_begin(method, args, sent) if self.verifier is not None else None
+        verify = self.verifier.timed_begin(method, args, sent, normed) if self.verifier is not None else None
         received = self.send(method, args, sent)[1]
         if self.config is not None:  # after Init: a reply holds what its request asks for, or the run stops here
             check_reply(self.config, self.wire_dtype, method, args, sent, received)
@@ -71,14 +73,15 @@ class Ops:
     def embedding(self, input_ids: Tensor) -> Tensor:
         return self.call("Embedding", {}, [input_ids])[0]
 
-    def linear(self, layer: int, names: Sequence[str], x: Tensor) -> list[Tensor]:
-        return self.call("Linear", {"layer": layer, "names": list(names)}, [x])
+    def linear(self, layer: int, names: Sequence[str], x: Tensor, normed: bool = False) -> list[Tensor]:
+        """x·Wᵀ (+ b) for each module; normed: x is the output of the RMSNorm in front of them (see call)."""
+        return self.call("Linear", {"layer": layer, "names": list(names)}, [x], normed)
 
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
         return self.call("Matmul", {"transpose_b": transpose_b}, [a, b])[0]
 
-    def lm_head(self, x: Tensor) -> Tensor:
-        return self.call("LMHead", {}, [x])[0]
+    def lm_head(self, x: Tensor, normed: bool = False) -> Tensor:
+        return self.call("LMHead", {}, [x], normed)[0]
 
     def residual(self, layer: int, out: str, names: Sequence[str], a: Tensor, x: Tensor) -> list[Tensor]:
         """[h = x + a·W_outᵀ, then (h ⊙ w_norm)·Wᵀ for each next module] (tsqp.engine.Engine.residual)."""

@@ -101,7 +101,8 @@ class PrivateOps(Ops):
     def matmul(self, a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
         raise ValueError("a privacy mode keeps attention in the TEE: its products never go to the server")
 
-    def linear(self, layer: int, names, x: Tensor) -> list[Tensor]:
+    def linear(self, layer: int, names, x: Tensor, normed: bool = False) -> list[Tensor]:
+        # what crosses is masked: no longer the RMSNorm's rows, so `normed` stays here
         modules = [self.own.module(layer, name) for name in names]
         if self.mixing((layer, tuple(names))):
             ys = self.mixed("Linear", {"layer": layer, "names": list(names), "bias": False}, x)
@@ -110,7 +111,7 @@ class PrivateOps(Ops):
             ys = self.padded("LinearRing", args, (layer, tuple(names)), x, weights)
         return [y if m.bias is None else y + m.bias.float() for y, m in zip(ys, modules, strict=True)]
 
-    def lm_head(self, x: Tensor) -> Tensor:
+    def lm_head(self, x: Tensor, normed: bool = False) -> Tensor:
         if self.mixing(("lm_head",)):
             return self.mixed("LMHead", {}, x)[0]
         return self.padded("LMHeadRing", {}, ("lm_head",), x, ["lm_head"])[0]

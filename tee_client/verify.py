@@ -68,7 +68,9 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 HALF = (torch.float16, torch.bfloat16)
 ACCUMULATE = 2.0**-24  # products accumulate in float32 (CPU, and CUDA's GEMMs for every dtype here)
 UNIFORM_BITS = 53  # signed_uniform: U[0,1) from 53 random bits, the sign from one more
-SIGNS = torch.tensor([-1.0, 1.0]).view(2, 1, 1)  # the two ends of a window
+INF = float("inf")
+TINY = 1e-30  # added to a per-row tolerance, so that an all-zero row and sum pass (0/0 would not)
+RMS_SLACK = 1 + 2.0**-8  # an RMSNorm's output row, divided by its weight, has norm ≤ √n (float32 rounding: ≤ this more)
 CHECKED_WHOLE = ("Embedding", "Matmul", "LinearRing", "LMHeadRing")  # checked once the reply is in, all at once
 
 
@@ -87,9 +89,21 @@ class Draw:
     spread: Tensor | None = None  # float: (Σ m_pad/block,) ‖r∘‖w‖‖ per block, so ‖r∘(x·Wᵀ)‖ ≤ ‖x‖·spread
     bias_sums: Tensor | None = None  # float, weights with a bias: (Σ m_pad/block,) Σ_{j in block} r_j·b_j
     bias_norms: Tensor | None = None  # and ‖r∘b‖ per block
-    window: Tensor | None = None  # float32 weights: (2, Σ m_pad/block, 1), ∓ the tolerance per unit of ‖x‖ per block
-    bias_window: Tensor | None = None  # and (Σ m_pad/block,) the part a bias adds
+    normed_spread: Tensor | None = None  # float: (Σ m_pad/block,) ‖r∘‖g⊙w‖‖, g the RMSNorm weight in front (or None)
     digits: tuple | None = None  # ring: (limb bits h, ring_digits(v, h)), made once h is known
+    rows: "Rows | None" = None  # float32 replies of whole rows: the call's check combined (Verifier.rows_check)
+
+
+@dataclass
+class Rows:
+    """A float32 call's check in whole rows, its modules combined: row i passes when |Σ_m y_m,i·r_m − x_i·v − β| ≤
+    slope·‖x_i‖ + slack, or ≤ normed + slack when x_i is an RMSNorm's output (no pass over x for its norm)."""
+
+    minus_v: Tensor  # (n,) −Σ_m W_mᵀ·r_m: the row sums start from −x·v, each reply's products are added to it
+    bias_sum: float  # β = Σ_m r_m·b_m over the biases the server adds
+    slope: float  # tolerance per unit of ‖x_i‖: c·‖(spread_m)_m‖, c the float32 rounding's SIGMAS deviations
+    normed: float | None  # tolerance for RMSNorm rows (‖x_i ⊘ g‖ ≤ √n): c·√n·‖(normed_spread_m)_m‖; None: no norm
+    slack: float  # what the biases add: c·‖(‖r_m∘b_m‖)_m‖
 
 
 class Verifier:
@@ -107,7 +121,6 @@ class Verifier:
         self.pool_size = 0
         self.limb_bits: int | None = None  # the otp ring's limb width, once a ring reply was seen
         self.threads = torch.get_num_threads()  # what the checks' few compute-bound products may use
-        self.sums: dict = {}  # (modules, reply rows' shape) -> scratch for a rows check's sums (scratch())
         self.checks = 0
 
     def expect(self, spec) -> None:
@@ -157,20 +170,34 @@ class Verifier:
                 s, n = block_dot_and_norms(b.float(), r, block) if b is not None else (zero, zero)
                 sums.append(s), norms.append(n)
             draw.bias_sums, draw.bias_norms = torch.cat(sums), torch.cat(norms)
-        if kind == "float" and all(self.weight(key).dtype == torch.float32 for key in keys):
-            inner = draw.v.shape[1]  # float32 replies: the tolerance is linear in ‖x‖, scaled now rather than per call
-            draw.window = self.tolerance(torch.stack([-draw.spread, draw.spread])[:, :, None], inner, torch.float32)
-            if draw.bias_norms is not None:
-                draw.bias_window = self.tolerance(draw.bias_norms, inner, torch.float32)
+        if kind == "float":
+            normed = [p[3] for p in parts]
+            draw.normed_spread = torch.cat(normed) if all(n is not None for n in normed) else None
+            whole = all(self.weight(key).dtype == torch.float32 for key in keys) and blocks == widths
+            draw.rows = self.rows(draw) if whole else None
         return draw
 
-    def float_draw(self, key) -> tuple[Tensor, Tensor, Tensor]:
-        """r for one weight, Wᵀ·r per block, and ‖r∘‖w‖‖ per block."""
-        w, norms_sq = self.float_weight(key)  # (m_pad, n), (m_pad,)
+    def rows(self, draw: Draw) -> Rows:
+        """A float32 call's secrets combined into one check per row: every module's r at once (one product of x
+        against Σ_m W_mᵀ·r_m instead of one per module), its tolerance's constants scaled now rather than per call.
+        Every module's reply shifts the sum by |δ·r_j| ≥ |δ| for one element changed by δ; the tolerance is the
+        modules' together (their rounding adds up: a root sum of squares)."""
+        c = self.tolerance(1.0, draw.v.shape[1], torch.float32)
+        slack = c * float(draw.bias_norms.norm()) if draw.bias_norms is not None else 0.0
+        normed = None
+        if draw.normed_spread is not None:
+            normed = c * math.sqrt(draw.v.shape[1]) * RMS_SLACK * float(draw.normed_spread.norm())
+        bias_sum = float(draw.bias_sums.sum()) if draw.bias_sums is not None else 0.0
+        return Rows(-draw.v.sum(0), bias_sum, c * float(draw.spread.norm()), normed, slack)
+
+    def float_draw(self, key) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """r for one weight, Wᵀ·r per block, ‖r∘‖w‖‖ per block, and ‖r∘‖g⊙w‖‖ (g the RMSNorm weight in front)."""
+        w, norms_sq, normed_sq = self.float_weight(key)  # (m_pad, n), (m_pad,), (m_pad,) or None
         block = self.block(key)
         r = pad_rows(self.signed_uniform(self.weight(key).shape[0]), w.shape[0])
         v = torch.bmm(r.view(-1, 1, block), w.view(-1, block, w.shape[1])).squeeze(1)
-        return r, v, (norms_sq * r.square()).view(-1, block).sum(-1).sqrt()
+        spread = lambda sq: (sq * r.square()).view(-1, block).sum(-1).sqrt()  # noqa: E731
+        return r, v, spread(norms_sq), spread(normed_sq) if normed_sq is not None else None
 
     def ring_draw(self, key) -> tuple[Tensor, Tensor]:
         """r for one weight (odd, uniform below 2^RING_R_BITS) and Wqᵀ·r per block, exactly."""
@@ -195,10 +222,12 @@ class Verifier:
 
     # ---- online: one check per reply -------------------------------------------------------------
 
-    def timed_begin(self, method: str, args: dict, sent: list[Tensor]) -> Callable[[list[Tensor]], None]:
+    def timed_begin(
+        self, method: str, args: dict, sent: list[Tensor], normed: bool = False
+    ) -> Callable[[list[Tensor]], None]:
         """begin(), and the function it returns, each timed into the recording Stats (timing.verify_ms,
         verify_checks)."""
-        finish = self.timed(self.begin, method, args, sent)
+        finish = self.timed(self.begin, method, args, sent, normed)
         return lambda received: self.timed(finish, received)
 
     def timed(self, step: Callable, *args):
@@ -216,19 +245,22 @@ class Verifier:
             stats.verify_checks += self.checks - before
         return out
 
-    def check(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor]) -> None:
+    def check(self, method: str, args: dict, sent: list[Tensor], received: list[Tensor], normed: bool = False) -> None:
         """One call's check, both halves at once (a reply checked on its own, as the tests do)."""
-        self.begin(method, args, sent)(received)
+        self.begin(method, args, sent, normed)(received)
 
-    def begin(self, method: str, args: dict, sent: list[Tensor]) -> Callable[[list[Tensor]], None]:
+    def begin(
+        self, method: str, args: dict, sent: list[Tensor], normed: bool = False
+    ) -> Callable[[list[Tensor]], None]:
         """A call's check in two halves: what needs only the request runs now (tee_client.ops calls this before
-        sending it: its inputs are still in cache); the function returned checks the reply."""
+        sending it: its inputs are still in cache); the function returned checks the reply. `normed`: the input's
+        rows are the RMSNorm output in front of the modules called (Linear's q/k/v or gate/up, LMHead)."""
         if method == "Linear":
             layer, names = args["layer"], args["names"]
             labels = [f"Linear layer {layer} {name}" for name in names]
-            return self.linear(labels, tuple((layer, n) for n in names), sent[0], args.get("bias", True))
+            return self.linear(labels, tuple((layer, n) for n in names), sent[0], args.get("bias", True), normed)
         if method == "LMHead":
-            return self.linear(["LMHead"], ("lm_head",), sent[0], False)
+            return self.linear(["LMHead"], ("lm_head",), sent[0], False, normed)
         if method not in CHECKED_WHOLE:  # a reply no check covers must not pass as checked: nor be asked for
             raise IntegrityError(f"{method}: --verify has no check for this reply")
         return lambda received: self.after_reply(method, args, sent, received)
@@ -259,14 +291,18 @@ class Verifier:
             worst = (rows.double() - expected.double()).abs().max().item()
             raise IntegrityError(f"Embedding rows differ from this client's own table (by up to {worst:.3g})")
 
-    def linear(self, labels: list[str], keys: tuple, x: Tensor, bias: bool) -> Callable[[list[Tensor]], None]:
+    def linear(
+        self, labels: list[str], keys: tuple, x: Tensor, bias: bool, normed: bool = False
+    ) -> Callable[[list[Tensor]], None]:
         """Each Y_i (T, m_i) against X (T, n)·W_iᵀ + b_i, block by block, in float32: one product of the call's
-        stacked W_iᵀ·r_i against X, now; one pass over each Y_i, in the function returned."""
-        x_tn = x.reshape(-1, x.shape[-1]).float()
+        stacked W_iᵀ·r_i against X, now; one pass over each Y_i, in the function returned. `normed`: X's rows are
+        the output of the RMSNorm in front of these modules (rows_check)."""
+        x_tn = x.reshape(-1, x.shape[-1])
+        x_tn = x_tn if x.dtype == torch.float32 else x_tn.float()
         (tokens, inner), draw = x_tn.shape, self.take("float", keys)
         biased = bias and draw.bias_sums is not None
-        if x.dtype == torch.float32 and draw.window is not None and draw.blocks == draw.widths:  # reply dtype: x's
-            return self.rows_check(labels, draw, x_tn, biased, x.shape[:-1])
+        if x.dtype == torch.float32 and draw.rows is not None:  # the reply's dtype is x's
+            return self.rows_check(labels, draw, x_tn, biased, normed, x.shape[:-1])
         expected = draw.v @ x_tn.T  # (Σ m_i/block, T): every block's sum, a row per block
         bound = torch.outer(draw.spread, torch.linalg.vector_norm(x_tn, dim=1))  # ≥ ‖r∘(x·Wᵀ)‖ per block
         if biased:
@@ -279,41 +315,67 @@ class Verifier:
 
         return check
 
-    def rows_check(self, labels, draw: Draw, x_tn: Tensor, biased: bool, lead: torch.Size):
-        """compare() for float32 replies checked in whole rows (x_tn: (T, n); each reply (*lead, width)), everything
-        but Y·r done ahead: the window each row sum must fall in, and where it goes, so that the check of a reply
-        is one matrix-vector product per module and one comparison. In as few tensor operations as the algebra
-        allows, the tolerance's constants scaled in the draw: in place, between the TEE's own steps and after a
-        wait, each operation costs ~10 µs, more than most of these bytes."""
-        norms = torch.linalg.vector_norm(x_tn, dim=1)  # (T,)
-        if biased:  # ‖r∘y‖ ≤ ‖r∘(x·Wᵀ)‖ + ‖r∘b‖ per block
-            expected = torch.addmm(draw.bias_sums[:, None], draw.v, x_tn.T)  # (modules, T)
-            tolerance = torch.addr(draw.bias_window[:, None], draw.window[1, :, 0], norms)
-            low, high = torch.addcmul(expected, SIGNS, tolerance)
-        else:  # the window each row sum must fall in, both ends in one operation: (2, modules, T)
-            low, high = torch.addcmul(draw.v @ x_tn.T, draw.window, norms)
-        got, sums = self.scratch(len(draw.widths), lead)
+    def rows_check(self, labels, draw: Draw, x_tn: Tensor, biased: bool, normed: bool, lead: torch.Size):
+        """The check of a float32 call in whole rows, its modules combined (Rows): before the send, the row sums
+        start as −x·v (one matrix-vector product) and the tolerance is known (per row from ‖x_i‖, or, for an
+        RMSNorm's output, one number: no pass over x); after the reply, one matrix-vector product per module added
+        in place, and one comparison. As few tensor operations as the algebra allows: in place, between the TEE's
+        own steps and after a wait, each costs ~10 µs, more than most of these bytes."""
+        rows = draw.rows
+        if normed and rows.normed is None:
+            raise ValueError(f"{labels[0]}: no RMSNorm in front of this module, so its input cannot be normed")
+        sums = torch.mv(x_tn, rows.minus_v)  # (T,)
+        if biased:
+            sums -= rows.bias_sum
+        slack = rows.slack if biased else 0.0
+        if normed:  # ‖x_i ⊘ g‖ ≤ √n: RMSNorm's output (g folded into the spread, offline); one number
+            tolerance = rows.normed + slack
+        else:  # per row; passes when |sum_i| / tolerance_i ≤ 1 (TINY: a zero row's sum must be 0 exactly)
+            tolerance = torch.linalg.vector_norm(x_tn, dim=1).mul_(rows.slope).add_(slack + TINY)
+        shapes = [(*lead, w) for w in draw.widths]
 
         def check(ys: list[Tensor]) -> None:
-            if len(ys) != len(sums) or any(y.shape != (*lead, w) for y, w in zip(ys, draw.widths, strict=True)):
-                rows = fitting(labels, draw.widths, got.shape[1], ys)  # fails, or a reply of other leading dims
-                ys = [y.view(*lead, w) for y, w in zip(rows, draw.widths, strict=True)]
-            for y, r, out in zip(ys, draw.rs, sums, strict=True):
-                torch.matmul(y, r, out=out)
-            self.checks += got.numel()
-            if not torch.equal(torch.clamp(got, low, high), got):  # NaN and inf fail too
-                self.failed(labels, draw.rs, draw.blocks, got.T, ((low + high) / 2).T, ((high - low) / 2).T)
+            if [y.shape for y in ys] == shapes:  # as asked (tee_client.ops has held the reply to it)
+                ys = [y.view(-1, y.shape[-1]) for y in ys]
+            else:  # a reply of other leading dims, or one that fails here
+                ys = fitting(labels, draw.widths, sums.shape[0], ys)
+            for y, r in zip(ys, draw.rs, strict=True):
+                sums.addmv_(y, r)
+            self.checks += sums.shape[0]
+            if normed:
+                passed = torch.linalg.vector_norm(sums, INF).item() <= tolerance
+            else:
+                passed = torch.linalg.vector_norm(sums.div_(tolerance), INF).item() <= 1
+            if not passed:  # NaN and inf fail too: their norm is no number ≤ anything
+                self.failed_rows(labels, draw, x_tn, ys, biased, normed)
 
         return check
 
-    def scratch(self, modules: int, lead: torch.Size) -> tuple[Tensor, list[Tensor]]:
-        """Where a rows check's sums go: (modules, T), and each row shaped as its reply's rows. Reused from call to
-        call (made once per shape; the checks run one at a time, and each fills every row before reading it)."""
-        key = modules, tuple(lead)
-        if key not in self.sums:
-            got = torch.empty(modules, math.prod(lead))
-            self.sums[key] = got, [row.view(lead) for row in got.unbind(0)]
-        return self.sums[key]
+    def failed_rows(self, labels, draw: Draw, x_tn: Tensor, ys: list[Tensor], biased: bool, normed: bool) -> None:
+        """A combined rows check failed: name the module whose own check misses by the most (failed()), or, if no
+        module fails alone (errors spread over several), the call."""
+        c = self.tolerance(1.0, x_tn.shape[1], torch.float32)
+        got = torch.stack([y @ r for y, r in zip(ys, draw.rs, strict=True)], dim=-1)  # (T, modules)
+        expected = x_tn @ draw.v.T
+        if normed:  # the same bounds as rows_check, module by module
+            tolerance = c * math.sqrt(x_tn.shape[1]) * RMS_SLACK * draw.normed_spread.expand(x_tn.shape[0], -1)
+        else:
+            tolerance = c * torch.outer(x_tn.norm(dim=1), draw.spread)
+        if biased:
+            expected += draw.bias_sums
+            tolerance += c * draw.bias_norms
+        if not bool(((got - expected).abs() <= tolerance).all()):
+            self.failed(labels, draw.rs, draw.blocks, got, expected, tolerance)
+        rows = draw.rows  # no module fails alone: the call's combined sum, against its own tolerance
+        gap = (got - expected).sum(-1).abs()
+        combined = rows.normed if normed else x_tn.norm(dim=1) * rows.slope
+        combined = torch.as_tensor(combined).expand_as(gap) + (rows.slack if biased else 0.0)
+        worst = int(torch.argmax((gap - combined).nan_to_num(nan=float("inf"))))
+        what = labels[0].rsplit(" ", 1)[0] + " " + "/".join(label.rsplit(" ", 1)[-1] for label in labels)
+        raise IntegrityError(
+            f"{what}: replies fail their combined check by {gap[worst].item():.4g} (tolerance "
+            f"{combined[worst].item():.3g}, row {worst}); no module fails on its own"
+        )
 
     @staticmethod
     def tolerance(bound: Tensor, inner: int, dtype, spread: Tensor | None = None) -> Tensor:
@@ -436,13 +498,23 @@ class Verifier:
             return BLOCK
         return -(-cols // -(-cols // BLOCK_FLOAT32))
 
-    def float_weight(self, key) -> tuple[Tensor, Tensor]:
-        """The weight in float32, padded to whole blocks, and its squared row norms: made once per module."""
+    def float_weight(self, key) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The weight in float32, padded to whole blocks, its squared row norms, and those of W·diag(g), g the
+        RMSNorm weight in front of it (None for o_proj and down_proj): made once per module."""
         if key not in self.weights:
-            weight, block = self.weight(key), self.block(key)
+            weight, block, g = self.weight(key), self.block(key), self.norm_before(key)
             w = pad_rows(weight.detach().float(), -(-weight.shape[0] // block) * block)
-            self.weights[key] = w, w.square().sum(1)
+            self.weights[key] = w, w.square().sum(1), None if g is None else (w * g.float()).square().sum(1)
         return self.weights[key]
+
+    def norm_before(self, key) -> Tensor | None:
+        """The RMSNorm weight whose output this module takes, if one does: q/k/v, gate/up, lm_head."""
+        if key == "lm_head":
+            return self.engine.final_norm
+        layer, name = key
+        if name in ("q_proj", "k_proj", "v_proj"):
+            return self.engine.attention_norms[layer]
+        return self.engine.ffn_norms[layer] if name in ("gate_proj", "up_proj") else None
 
     def fixed_weight(self, key) -> Tensor:
         """Wq in float64, padded to whole blocks: made once per module."""

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from tee_client.masking import Csprng
+from tee_client.model import rms_norm
 from tee_client.verify import BLOCK, RING_R_BITS, IntegrityError, Verifier, ring_block_sums, ring_digits, ring_product
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
 from tsqp.ring import RingSpec, fixed_weight, model_ring, ring_linear
 
 QKV = {"layer": 1, "names": ["q_proj", "k_proj", "v_proj"]}
+GATE_UP = ["gate_proj", "up_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +177,50 @@ def test_ring_arithmetic_is_exact(ring_bits, limb_bits, width):
         for row in y
     ]
     assert ring_block_sums(y, r, ring_bits).tolist() == sums
+
+
+def test_rmsnorm_rows_are_bounded_without_a_pass_and_a_tenth_of_the_rms_is_still_caught(engines):
+    """normed: x is the output of the RMSNorm in front of the modules, so ‖x_i ⊘ g‖ ≤ √n bounds its rows without
+    reading them: honest replies pass, and one element moved by a tenth of its row's RMS still fails."""
+    engine = engines[torch.float32]
+    verifier = Verifier(Engine(engine.ckpt))
+    h = activations(40, 64, torch.float32)
+    eps = engine.ckpt.model.config.rms_norm_eps
+    for layer, names, norm in ((1, QKV["names"], engine.attention_norms[1]), (0, GATE_UP, engine.ffn_norms[0])):
+        x, args = rms_norm(h, norm, eps), {"layer": layer, "names": names}
+        ys = engine.linear(layer, names, x)
+        for _ in range(20):
+            verifier.check("Linear", args, [x], ys, normed=True)
+        for module, name in enumerate(names):
+            for row in (0, 5, 39):
+                wrong = [y.clone() for y in ys]
+                wrong[module][row, 11] += wrong[module][row].square().mean().sqrt() / 10
+                with pytest.raises(IntegrityError, match=f"Linear layer {layer} {name}"):
+                    verifier.check("Linear", args, [x], wrong, normed=True)
+    x = rms_norm(h, engine.final_norm, eps)
+    logits = engine.lm_head(x)
+    verifier.check("LMHead", {}, [x], [logits], normed=True)
+    logits[3, 7] += logits[3].square().mean().sqrt() / 10
+    with pytest.raises(IntegrityError, match="LMHead"):
+        verifier.check("LMHead", {}, [x], [logits], normed=True)
+    with pytest.raises(ValueError, match="no RMSNorm"):  # o_proj's input is attention's output: no such bound
+        verifier.check("Linear", {"layer": 0, "names": ["o_proj"]}, [h], engine.linear(0, ["o_proj"], h), normed=True)
+
+
+def test_errors_each_within_their_modules_tolerance_that_add_up_fail_the_call(engines):
+    """A call's modules are checked together (one r across them): errors each too small for its own module's
+    tolerance, in two modules of one row, fail the call's check, which names the call."""
+    engine = engines[torch.float32]
+    verifier = Verifier(Engine(engine.ckpt))
+    x, args = activations(8, 64, torch.float32), {"layer": 1, "names": ["k_proj", "v_proj"]}
+    ys = engine.linear(1, args["names"], x)
+    verifier.check("Linear", args, [x], ys)
+    verifier.prepare()  # the next call's secrets, drawn ahead: read here to aim the errors
+    draw = verifier.ready["float", ((1, "k_proj"), (1, "v_proj"))]
+    c = Verifier.tolerance(1.0, x.shape[1], torch.float32)
+    wrong = [y.clone() for y in ys]
+    for module, y in enumerate(wrong):
+        own = c * (x[2].norm() * draw.spread[module] + draw.bias_norms[module])  # this module's own, row 2
+        y[2, 0] += 0.9 * own / draw.rs[module][0]
+    with pytest.raises(IntegrityError, match="Linear layer 1 k_proj/v_proj: replies fail their combined check"):
+        verifier.check("Linear", args, [x], wrong)

@@ -14,8 +14,8 @@ PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares ke
 TESTING = {"TSQP_TESTING": "1"}
 
 
-def lying_server(start_server, folder, fault: str, name: str):
-    return start_server("--model", str(folder), "--inject-fault", fault, env=TESTING, name=name)
+def lying_server(start_server, folder, fault: str, name: str, *extra: str):
+    return start_server("--model", str(folder), "--inject-fault", fault, *extra, env=TESTING, name=name)
 
 
 def prefill(endpoint: str, folder, out, *extra: str) -> int:
@@ -34,7 +34,8 @@ def mode_flags(mode: str) -> list[str]:
 @pytest.mark.parametrize(
     "mode, fault, named",
     [
-        ("plain", "Linear:5", "Linear layer 1 q_proj"),
+        ("plain", "Linear:5", "Linear layer 1 q_proj"),  # an RMSNorm's rows: bounded without a pass
+        ("plain", "Linear:4", "Linear layer 0 down_proj"),  # rows of any norm
         ("server-attention", "Matmul:3", "Matmul"),
         ("plain", "LMHead:1", "LMHead"),
         ("plain", "Embedding:1", "Embedding"),
@@ -56,13 +57,18 @@ def test_a_wrong_reply_is_caught_every_time_with_verify_and_changes_logits_witho
     good, bad = np.load(tmp_path / "honest" / "l.npz"), np.load(tmp_path / "fooled" / "l.npz")
     assert np.abs(good["logits"] - bad["logits"]).max() > 1e-3, "the fault did not change the logits"
 
-    liar = lying_server(start_server, folder, fault, "fresh-liar.ipc")  # its fault counter starts again
+    # its fault counter starts again; it keeps every request it gets, as a spy would
+    liar = lying_server(start_server, folder, fault, "fresh-liar.ipc", "--record", str(tmp_path / "seen"))
     capsys.readouterr()
     assert prefill(liar.endpoint, folder, tmp_path / "caught", *flags, "--verify") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tee-client: error: ") and named in err and "Traceback" not in err, err
     assert len(err.splitlines()) == 1 and ("fails" in err or "differ" in err), err
     assert not (tmp_path / "caught" / "r.json").exists() and not (tmp_path / "caught" / "l.npz").exists()
+    # the client stopped at once: the last request the liar saw is the one it answered wrongly
+    method, n = fault.split(":")
+    seen = [path.stem.split("-", 1)[1] for path in sorted((tmp_path / "seen").iterdir())]
+    assert seen[-1] == method and seen.count(method) == int(n), seen
 
 
 @pytest.mark.parametrize("mode", ["plain", "server-attention", "otp", "mix"])
@@ -90,7 +96,7 @@ def test_smollm2_at_512_tokens_passes_verify_on_float32_and_bfloat16(start_serve
         server = start_server("--dtype", dtype, name=f"{dtype}.ipc")
         (tmp_path / dtype).mkdir()
         result, _ = run_prefill_cli(server.endpoint, tmp_path / dtype, [prompt], 512, 1, "--verify", "--dtype", dtype)
-        assert result["verify_checks"] >= 30 * 7 * 512  # at least one check per row of each layer's 7 projections
+        assert result["verify_checks"] >= 30 * 4 * 512  # at least one check per row of each layer's 4 calls
 
 
 def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
