@@ -78,7 +78,7 @@ def placements(ipc: str, tcp: str, device: torch.device, stack: ExitStack, new_t
     def transformers(layout: bool):
         reference = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         if layout:
-            store_for_matvec(reference)
+            store_for_matvec(m.weight for m in reference.modules() if isinstance(m, torch.nn.Linear))
         return lambda ids, mask: transformers_generate(reference, ids, mask)
 
     @torch.inference_mode()

@@ -59,6 +59,7 @@ from tee_client.settings import PrefillSettings  # noqa: E402
 from tee_client.stats import SETUP  # noqa: E402
 from tsqp.checkpoint import embedded_model_path, load_checkpoint  # noqa: E402
 from tsqp.launch import ServerProcess  # noqa: E402
+from tsqp.spec import load_tokenizer  # noqa: E402
 
 PROMPT = (
     "Dear Dr. Alvarez, I am writing to follow up on my visit to the clinic last Tuesday. Since we spoke, the pain "
@@ -133,10 +134,8 @@ def take(folder: Path) -> list[dict]:
 
 def first_layer_table(ckpt) -> torch.Tensor:
     """What a layer-0 q/k/v input is for each token: RMSNorm(embedding)·w, in float64. The spy has the model."""
-    model = ckpt.model.model
-    norm = model.layers[0].input_layernorm
-    table = rms_norm(model.embed_tokens.weight.detach().float(), norm.weight.detach().float(), norm.variance_epsilon)
-    return table.double()
+    eps = ckpt.config["rms_norm_eps"]
+    return rms_norm(ckpt.embed.detach().float(), ckpt.layers[0].input_norm.detach().float(), eps).double()
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -230,7 +229,7 @@ def leakage(received: list, again: torch.Tensor, plaintext: dict, table: torch.T
 
 
 def measure_leakage(ckpt) -> dict:
-    runs, ids = spy(ckpt.tokenizer)
+    runs, ids = spy(load_tokenizer(ckpt.folder))
     table = first_layer_table(ckpt)
     plaintext = by_width(matmul_inputs(runs["plain"][0]))
     results = {}
@@ -426,7 +425,12 @@ def main(argv=None) -> int:
     print("leakage: one recording server, two runs of the prompt per mode", flush=True)
     leak = measure_leakage(ckpt)
     print(f"cost: {args.runs} interleaved rounds after {args.warmup} warm-up, lengths {args.lengths}", flush=True)
-    data = {"warmup": args.warmup, "runs": args.runs, "leakage": leak, "cost": measure_cost(args, ckpt.tokenizer)}
+    data = {
+        "warmup": args.warmup,
+        "runs": args.runs,
+        "leakage": leak,
+        "cost": measure_cost(args, load_tokenizer(ckpt.folder)),
+    }
     write_json("privacy", data)
     resends = {
         f"{mode} at {p['length']}": v["resends"] for p in data["cost"] for mode, v in p["modes"].items() if v["resends"]

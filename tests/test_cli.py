@@ -3,6 +3,8 @@
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from protocol.security import main as keygen
 from tee_client.cli import diagnose_transport
@@ -37,6 +39,27 @@ def test_an_empty_prompt_file_is_an_error(tmp_path, capsys):
 def test_an_output_that_cannot_be_written_fails_before_the_prefill(flag, path, words, capsys, ipc_dir):
     assert tee_client(["prefill", "--endpoint", f"ipc://{ipc_dir}/none.ipc", flag, path]) == 1
     one_line_error(capsys, "tee-client", words)  # not "nothing listening": checked before connecting
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), ["no tensor model.layers.1.mlp.up_proj.weight"]),
+        (lambda t: t.update({"model.norm.weight": torch.ones(63)}), ["model.norm.weight is [63]", "says [64]"]),
+    ],
+    ids=["missing", "misshapen"],
+)
+def test_a_checkpoint_missing_a_tensor_or_holding_a_misshapen_one_is_one_line(
+    edit, words, checkpoints, tmp_path, capsys
+):
+    folder = tmp_path / "broken"
+    shutil.copytree(checkpoints("gqa"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+    capsys.readouterr()  # building the checkpoint prints a progress bar
+    assert tee_client(["prefill", "--backend", "tee-only", "--model", str(folder)]) == 1
+    one_line_error(capsys, "tee-client", "cannot load", *words)
 
 
 def test_a_corrupt_checkpoint_is_one_line(checkpoints, tmp_path, capsys):

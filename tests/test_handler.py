@@ -13,6 +13,7 @@ import msgspec
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 from hypothesis import given, settings
 
 from gpu_server.handler import Handler
@@ -24,6 +25,7 @@ from protocol.wire import TORCH_DTYPES
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
 from tsqp.methods import METHODS, dispatch, reply_layout
+from tsqp.spec import llama_config
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +155,11 @@ def test_every_template_method_is_in_the_table_and_dispatches(handler):
     assert torch.equal(torch.frombuffer(bytearray(frames[0]), dtype=torch.float32).view(2, -1), out[0])
 
 
-def test_residual_is_the_residual_add_and_the_next_modules_on_the_normed_stream(handler):
-    """What a fused decode step relies on: [x + o(a), gate(norm(h)) / s, up(norm(h)) / s], s = 1/rms(h) per row."""
-    model, layer = handler.engine.model.model, 1
+def test_residual_is_the_residual_add_and_the_next_modules_on_the_normed_stream(handler, checkpoints):
+    """What a fused decode step relies on: [x + o(a), gate(norm(h)) / s, up(norm(h)) / s], s = 1/rms(h) per row;
+    against transformers' own modules of the same checkpoint."""
+    reference, layer = LlamaForCausalLM.from_pretrained(checkpoints("gqa"), dtype=torch.float32), 1
+    model = reference.model
     a, x = torch.randn(3, 64), torch.randn(3, 64)
     _, (h, gate, up), _ = dispatch(
         handler.engine, "Residual", {"layer": layer, "out": "o_proj", "names": ["gate_proj", "up_proj"]}, [a, x]
@@ -175,7 +179,7 @@ def test_residual_is_the_residual_add_and_the_next_modules_on_the_normed_stream(
         )
         torch.testing.assert_close(x2, h + block.mlp.down_proj(m))
         scale = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + model.norm.variance_epsilon)
-        want = handler.engine.model.lm_head(model.norm(x2))
+        want = reference.lm_head(model.norm(x2))
         torch.testing.assert_close(logits * scale, want, rtol=1e-5, atol=1e-5)
 
 
@@ -222,7 +226,7 @@ def test_the_tables_reply_shapes_are_what_the_engine_returns(handler):
     methods, the shapes and dtype the table names are those an honest engine answers with."""
     from tsqp.ring import fixed_weight, model_ring
 
-    engine, config = handler.engine, handler.engine.model.config
+    engine, config = handler.engine, llama_config(handler.engine.ckpt.config)
     calls = []
     for method, args, tensors in TEMPLATES:
         ts = [torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[s["dtype"]]).view(s["shape"]) for s, data in tensors]

@@ -147,10 +147,8 @@ def first_layer_table(ckpt) -> torch.Tensor:
     """What a layer-0 q/k/v input looks like for every token: RMSNorm(embedding)·weight. The spy has the model."""
     from tee_client.model import rms_norm
 
-    model = ckpt.model
-    norm = model.model.layers[0].input_layernorm
     return rms_norm(
-        model.model.embed_tokens.weight.detach().float(), norm.weight.detach().float(), norm.variance_epsilon
+        ckpt.embed.detach().float(), ckpt.layers[0].input_norm.detach().float(), ckpt.config["rms_norm_eps"]
     )
 
 

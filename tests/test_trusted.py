@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -112,9 +112,10 @@ def test_a_forward_with_either_attention_matches_transformers(variant, attention
     ckpt = load_checkpoint(checkpoints(variant), torch.float32, torch.device("cpu"))
     ops = LocalOps(Engine(ckpt))
     model = Llama(ops.init(), ops, attention)
+    transformers_model = LlamaForCausalLM.from_pretrained(checkpoints(variant), dtype=torch.float32)
     ids = torch.arange(3, 43).reshape(2, 20)
     for mask in (torch.ones_like(ids), torch.tensor([[1] * 20, [1] * 13 + [0] * 7])):
         with torch.no_grad():
-            reference = ckpt.model(input_ids=ids, attention_mask=mask).logits
+            reference = transformers_model(input_ids=ids, attention_mask=mask).logits
         real = mask.bool()
         torch.testing.assert_close(model.forward(ids, mask)[real], reference[real], atol=1e-4, rtol=0)

@@ -185,7 +185,7 @@ def test_rmsnorm_rows_are_bounded_without_a_pass_and_a_tenth_of_the_rms_is_still
     engine = engines[torch.float32]
     verifier = Verifier(Engine(engine.ckpt))
     h = activations(40, 64, torch.float32)
-    eps = engine.ckpt.model.config.rms_norm_eps
+    eps = engine.ckpt.config["rms_norm_eps"]
     for layer, names, norm in ((1, QKV["names"], engine.attention_norms[1]), (0, GATE_UP, engine.ffn_norms[0])):
         x, args = rms_norm(h, norm, eps), {"layer": layer, "names": names}
         ys = engine.linear(layer, names, x)

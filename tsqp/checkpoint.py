@@ -1,5 +1,11 @@
 """Loading a Llama checkpoint: a Hugging Face folder or a .gguf file.
 
+The tensors are read straight from the folder's safetensors (or .bin) files into a `Checkpoint`:
+no transformers model is built and no transformers code is imported, so gpu-server starts in
+the time torch takes to import. Its config stays the folder's config.json; the trusted side
+reads it with transformers' LlamaConfig, and the tests compare every forward with transformers'
+LlamaForCausalLM on the same files.
+
 A .gguf file is dequantized by transformers once (about 20 s for SmolLM2-135M) and the
 result is cached as a safetensors folder under $LLAMA_CACHE_DIR (default ~/.cache/tsqp),
 keyed by the file's sha256, so later starts take a fraction of a second.
@@ -8,7 +14,9 @@ keyed by the file's sha256, so later starts take a fraction of a second.
 import glob
 import hashlib
 import importlib.util
+import json
 import logging
+import pickle
 import os
 import shutil
 import tempfile
@@ -19,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 
 from protocol.errors import CheckpointError, describe
+from protocol.messages import MODULES
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +46,65 @@ BEHAVIOUR_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+TOKENIZER_FILES = tuple(name for name in BEHAVIOUR_FILES if name not in ("config.json", "generation_config.json"))
+ATTENTION = MODULES[:4]  # under self_attn, biased if attention_bias; the others under mlp, biased if mlp_bias
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads")
+
+
+@dataclass
+class Linear:
+    """One projection of the model, y = x·weightᵀ (+ bias), as the checkpoint stores it."""
+
+    weight: torch.Tensor  # (out_features, in_features)
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass
+class Layer:
+    linears: dict[str, Linear]  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    input_norm: torch.Tensor  # input_layernorm's weight: before attention
+    post_attention_norm: torch.Tensor  # post_attention_layernorm's weight: before the MLP
 
 
 @dataclass
 class Checkpoint:
-    model: torch.nn.Module  # transformers' LlamaForCausalLM
-    tokenizer: object
+    """A Llama checkpoint's tensors, read straight from its files: no transformers model is built, so loading
+    it imports no transformers code (gpu-server starts in seconds). The trusted side reads `config` with
+    transformers' LlamaConfig; the tests compare every forward with transformers' LlamaForCausalLM."""
+
+    config: dict  # config.json as the folder has it
+    embed: torch.Tensor  # (vocab, hidden)
+    layers: list[Layer]
+    norm: torch.Tensor  # the final RMSNorm's weight
+    lm_head: Linear  # (vocab, hidden), no bias; with tied embeddings its weight is `embed` itself
+    folder: Path  # where its tokenizer and generation files are
     name: str
     fingerprint: str  # sha256 of the weights, config, tokenizer and generation files, and the dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end a generated sequence, as transformers' generate reads them: the generation config's,
+        else the model config's (an int, a list, or none)."""
+        generation = self.folder / "generation_config.json"
+        eos = read_json(generation).get("eos_token_id") if generation.is_file() else None
+        if eos is None:
+            eos = self.config.get("eos_token_id")
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """Its tokenizer, as the files that make it (what Init sends; transformers' AutoTokenizer reads them)."""
+        return {name: (self.folder / name).read_bytes() for name in TOKENIZER_FILES if (self.folder / name).is_file()}
 
 
 def embedded_model_path() -> Path:
@@ -65,27 +125,101 @@ def cache_dir() -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike | None, dtype: torch.dtype, device: torch.device) -> Checkpoint:
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a CLI's stderr is for its own one-line errors
-
     path = Path(path) if path else embedded_model_path()
     folder, digest = resolve_folder(path)
+    config = read_config(folder, path)
+    shapes = linear_shapes(config, path)
+    take = Tensors(read_weights(folder, path), path, dtype, device)
+    layers = [read_layer(take, config, shapes, i) for i in range(int(config["num_hidden_layers"]))]
+    embed = take("model.embed_tokens.weight", shapes["lm_head"])
+    tied = config.get("tie_word_embeddings", False)  # transformers' LlamaConfig default
+    lm_head = Linear(embed if tied else take("lm_head.weight", shapes["lm_head"]))
+    norm = take("model.norm.weight", shapes["lm_head"][1:])
+    fingerprint = hashlib.sha256(f"{digest}:{dtype}".encode()).hexdigest()[:32]
+    return Checkpoint(config, embed, layers, norm, lm_head, folder, path.name, fingerprint)
+
+
+def read_layer(take: "Tensors", config: dict, shapes: dict, i: int) -> Layer:
+    linears = {}
+    for name in MODULES:
+        part, bias = ("self_attn", "attention_bias") if name in ATTENTION else ("mlp", "mlp_bias")
+        prefix, shape = f"model.layers.{i}.{part}.{name}", shapes[name]
+        linears[name] = Linear(
+            take(f"{prefix}.weight", shape), take(f"{prefix}.bias", shape[:1]) if config.get(bias) else None
+        )
+    hidden = shapes["lm_head"][1:]
+    norms = (
+        take(f"model.layers.{i}.{norm}.weight", hidden) for norm in ("input_layernorm", "post_attention_layernorm")
+    )
+    return Layer(linears, *norms)
+
+
+def linear_shapes(config: dict, path: Path) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear module (and of the LMHead, the embedding table's too), as transformers' LlamaConfig
+    reads the sizes: key-value heads default to the heads, head_dim to hidden / heads."""
     try:
-        config = AutoConfig.from_pretrained(folder)
+        vocab, hidden, inter, heads = (int(config[key]) for key in SIZES)
+        int(config["num_hidden_layers"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        d = int(config.get("head_dim") or hidden // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"the config of {path} lacks a usable size ({describe(e)})") from None
+    attention = {"q_proj": (heads * d, hidden), "k_proj": (kv * d, hidden), "v_proj": (kv * d, hidden)}
+    mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return attention | {"o_proj": (hidden, heads * d)} | mlp | {"lm_head": (vocab, hidden)}
+
+
+def read_json(file: Path) -> dict:
+    return json.loads(file.read_text())
+
+
+def read_config(folder: Path, path: Path) -> dict:
+    try:
+        config = read_json(folder / "config.json")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read the config of {path}: {describe(e)}") from None
-    if config.model_type != "llama":
-        raise CheckpointError(f"{path} is a {config.model_type!r} model; only Llama-architecture models are supported")
+    if not isinstance(config, dict) or config.get("model_type") != "llama":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise CheckpointError(f"{path} is a {kind!r} model; only Llama-architecture models are supported")
+    return config
+
+
+def read_weights(folder: Path, path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors files, or else of its .bin files (read as plain tensors only)."""
+    tensors: dict[str, torch.Tensor] = {}
     try:
-        # inference only: no autograd graph behind any result (and results can be computed with out=)
-        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        if files := sorted(folder.glob("*.safetensors")):
+            from safetensors.torch import load_file
+
+            for f in files:
+                tensors.update(load_file(f))
+        else:
+            for f in sorted(folder.glob("*.bin")):
+                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
         raise CheckpointError(f"cannot load {path}: {describe(e)}") from None
-    fingerprint = hashlib.sha256(f"{digest}:{dtype}".encode()).hexdigest()[:32]
-    return Checkpoint(model, tokenizer, path.name, fingerprint)
+    if not tensors:
+        raise CheckpointError(f"cannot load {path}: no tensors in its .safetensors or .bin files")
+    return tensors
+
+
+class Tensors:
+    """take(name, shape): a tensor of the checkpoint, of the shape its config says, in the dtype and on the device
+    asked for; a missing or misshapen one is a CheckpointError naming it."""
+
+    def __init__(self, tensors: dict, path: Path, dtype: torch.dtype, device: torch.device):
+        self.tensors, self.path, self.dtype, self.device = tensors, path, dtype, device
+
+    def __call__(self, name: str, shape: tuple) -> torch.Tensor:
+        t = self.tensors.get(name)
+        if t is None:
+            t = self.tensors.get(name.removeprefix("model."))  # saved from the bare model, without its head
+        if t is None:
+            raise CheckpointError(f"cannot load {self.path}: it has no tensor {name}")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"cannot load {self.path}: {name} is {list(t.shape)}, its config says {list(shape)}")
+        # copied: safetensors maps the file, and a file rewritten in place must not change (or crash) a running model
+        return t.to(device=self.device, dtype=self.dtype, copy=True)
 
 
 def resolve_folder(path: Path) -> tuple[Path, str]:

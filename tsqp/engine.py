@@ -6,6 +6,7 @@ checks its inputs against the model before it allocates.
 """
 
 import functools
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -13,11 +14,10 @@ import torch
 from protocol.errors import BadRequest, BadShape, TooLarge, UnknownModule
 from protocol.messages import MODULES
 from protocol.wire import DTYPE_NAMES, PROTOCOL_VERSION
-from tsqp.checkpoint import Checkpoint
+from tsqp.checkpoint import Checkpoint, Linear
 from tsqp.ring import RingSpec, fixed_weight, ring_linear
 from tsqp.spec import init_reply
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 # A Matmul's result may outweigh its operands by at most this much: Q·Kᵀ of S tokens with head
 # size D gives S/(2D) (64 at S = 8192, D = 64); a hostile [N, 0] @ [0, N] would give infinity.
 MATMUL_MAX_GROWTH = 256
@@ -26,30 +26,25 @@ MATMUL_MAX_GROWTH = 256
 class Engine:
     def __init__(self, ckpt: Checkpoint, max_result_bytes: int = 2**31):
         self.ckpt = ckpt
-        self.model = ckpt.model
-        self.layers = ckpt.model.model.layers
-        self.embed = ckpt.model.model.embed_tokens.weight
-        self.lm_head_weight = ckpt.model.lm_head.weight
+        self.layers = ckpt.layers
+        self.embed = ckpt.embed
+        self.lm_head_weight = ckpt.lm_head.weight
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         self.max_result_bytes = max_result_bytes
         self.itemsize = self.embed.element_size()
         # every linear module and RMSNorm weight by name, looked up once: a decode step makes 60 calls,
         # and nn.Module attribute lookups were a fifth of a call's Python
-        self.linears = {
-            (i, name): getattr(block.self_attn if name in ATTENTION else block.mlp, name, None)
-            for i, block in enumerate(self.layers)
-            for name in MODULES
-        }
-        self.attention_norms = [block.input_layernorm.weight for block in self.layers]
-        self.ffn_norms = [block.post_attention_layernorm.weight for block in self.layers]
-        self.final_norm = ckpt.model.model.norm.weight
+        self.linears = {(i, name): layer.linears.get(name) for i, layer in enumerate(self.layers) for name in MODULES}
+        self.attention_norms = [layer.input_norm for layer in self.layers]
+        self.ffn_norms = [layer.post_attention_norm for layer in self.layers]
+        self.final_norm = ckpt.norm
         self.fixed_weights: dict = {}  # (layer, name) or "lm_head" -> tsqp.ring.FixedWeight, for the otp mode
         self.allocate = None  # (shape, dtype) -> Tensor | None: where results go instead of fresh memory (`results_in`)
 
     def store_for_matvec(self) -> None:
         """gpu-server's layout of its weights (store_for_matvec, below): this process owns its copy of the model."""
-        store_for_matvec(self.model)
+        store_for_matvec([m.weight for m in self.linears.values() if m is not None] + [self.lm_head_weight])
 
     # ---- what the model is -------------------------------------------------------------------
 
@@ -134,7 +129,7 @@ class Engine:
             modules = [self.module(layer + 1, n) for n in names if n in allowed]
         else:
             allowed, norm = ("lm_head",), self.final_norm
-            modules = [self.model.lm_head] if names == ["lm_head"] else []
+            modules = [self.ckpt.lm_head] if names == ["lm_head"] else []
         if len(modules) != len(names):
             raise UnknownModule(f"after layer {layer} {out} come {', '.join(allowed)}, not {', '.join(names)}")
         if any(m.bias is not None for m in modules):
@@ -212,11 +207,11 @@ class Engine:
 
     # ---- checks -----------------------------------------------------------------------------
 
-    def module(self, layer: int, name: str) -> torch.nn.Linear:
+    def module(self, layer: int, name: str) -> Linear:
         if not 0 <= layer < len(self.layers):
             raise UnknownModule(f"layer {layer} out of range: the model has {len(self.layers)} layers")
         module = self.linears.get((layer, name))
-        if not isinstance(module, torch.nn.Linear):
+        if module is None:
             raise UnknownModule(f"layer {layer} has no linear module {name!r}")
         return module
 
@@ -241,9 +236,10 @@ class Engine:
             )
 
 
-def store_for_matvec(model: torch.nn.Module) -> None:
+def store_for_matvec(weights: Iterable[torch.Tensor]) -> None:
     """Float32 on the CPU: each linear weight with at least as many outputs as inputs (q_proj, o_proj, gate_proj,
-    up_proj, the LMHead) stored column-major, in place, its values unchanged.
+    up_proj, the LMHead) stored column-major, in place (the tensor object keeps its identity, so a tied embedding
+    table follows), its values unchanged.
 
     x·Wᵀ then runs as a plain (non-transposed) matrix-vector product over W's columns. On the 2-core EPYC host that
     reads W at ~20 GB/s where MKL's transposed product over a row-major W reads ~11 GB/s: about 2x faster for a
@@ -251,9 +247,8 @@ def store_for_matvec(model: torch.nn.Module) -> None:
     prefill's GEMM. Narrower weights (k_proj, v_proj, down_proj) run faster row-major, and float16 and bfloat16
     run slower column-major (10-50x for float16): those stay as they are. A tied embedding table shares the
     LMHead's layout; looking rows up in it stays cheap (1.7 ms for 512 rows)."""
-    for m in model.modules():
-        w = m.weight if isinstance(m, torch.nn.Linear) else None
-        if w is None or w.device.type != "cpu" or w.dtype != torch.float32:
+    for w in weights:
+        if w.device.type != "cpu" or w.dtype != torch.float32:
             continue
         if w.shape[0] >= w.shape[1] and w.is_contiguous():
             w.data = w.data.t().contiguous().t()

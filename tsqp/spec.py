@@ -6,7 +6,6 @@ it on the trusted side; `ModelSpec.from_checkpoint` builds the same from the cli
 of the model, for the privacy modes, where nothing the server says about the model is trusted.
 """
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,47 +30,30 @@ def out_features(config, name: str) -> int:
     return config.vocab_size if name == "lm_head" else config.hidden_size  # o_proj, down_proj
 
 
-def norm_weights(model) -> dict[str, Tensor]:
-    """Every RMSNorm weight of a transformers LlamaForCausalLM, by the name the trusted side uses."""
+def norm_weights(ckpt) -> dict[str, Tensor]:
+    """Every RMSNorm weight of a tsqp.checkpoint.Checkpoint, by the name the trusted side uses."""
     norms = {}
-    for i, layer in enumerate(model.model.layers):
-        norms[f"layers.{i}.input_layernorm"] = layer.input_layernorm.weight
-        norms[f"layers.{i}.post_attention_layernorm"] = layer.post_attention_layernorm.weight
-    norms["norm"] = model.model.norm.weight
+    for i, layer in enumerate(ckpt.layers):
+        norms[f"layers.{i}.input_layernorm"] = layer.input_norm
+        norms[f"layers.{i}.post_attention_layernorm"] = layer.post_attention_norm
+    norms["norm"] = ckpt.norm
     return norms
-
-
-def eos_token_ids(model) -> list[int]:
-    """The ids that end a generated sequence, as transformers' generate reads them: the generation config's,
-    else the model config's (an int, a list, or none)."""
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None)
-    if eos is None:
-        eos = model.config.eos_token_id
-    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
 
 
 def init_reply(ckpt) -> tuple[dict, list[Tensor]]:
     """The Init result and tensors for a tsqp.checkpoint.Checkpoint."""
-    norms = norm_weights(ckpt.model)
+    norms = norm_weights(ckpt)
     result = {
         "protocol": PROTOCOL_VERSION,
         "model": ckpt.name,
         "fingerprint": ckpt.fingerprint,
-        "dtype": DTYPE_NAMES[ckpt.model.dtype],
-        "config": json.loads(ckpt.model.config.to_json_string(use_diff=False)),
+        "dtype": DTYPE_NAMES[ckpt.dtype],
+        "config": ckpt.config,
         "norms": list(norms),
-        "tokenizer": tokenizer_files(ckpt.tokenizer),
-        "eos_token_ids": eos_token_ids(ckpt.model),
+        "tokenizer": ckpt.tokenizer_files(),
+        "eos_token_ids": ckpt.eos_token_ids(),
     }
     return result, [w.detach().float() for w in norms.values()]
-
-
-def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The tokenizer as its saved files."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
 
 @dataclass
@@ -88,14 +70,12 @@ class ModelSpec:
 
     @classmethod
     def from_init(cls, result: dict, tensors: list[Tensor]) -> "ModelSpec":
-        from transformers import AutoTokenizer, LlamaConfig
-
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in result["tokenizer"].items():
                 (Path(tmp) / Path(name).name).write_bytes(data)
-            tokenizer = AutoTokenizer.from_pretrained(tmp)
+            tokenizer = load_tokenizer(tmp)
         return cls(
-            config=LlamaConfig.from_dict(result["config"]),
+            config=llama_config(result["config"]),
             norms={n: t.float().clone() for n, t in zip(result["norms"], tensors, strict=True)},
             tokenizer=tokenizer,
             name=result["model"],
@@ -107,11 +87,24 @@ class ModelSpec:
     @classmethod
     def from_checkpoint(cls, ckpt) -> "ModelSpec":
         return cls(
-            config=ckpt.model.config,
-            norms={n: w.detach().float().cpu() for n, w in norm_weights(ckpt.model).items()},
-            tokenizer=ckpt.tokenizer,
+            config=llama_config(ckpt.config),
+            norms={n: w.detach().float().cpu() for n, w in norm_weights(ckpt).items()},
+            tokenizer=load_tokenizer(ckpt.folder),
             name=ckpt.name,
             fingerprint=ckpt.fingerprint,
-            dtype=ckpt.model.dtype,
-            eos_token_ids=eos_token_ids(ckpt.model),
+            dtype=ckpt.dtype,
+            eos_token_ids=ckpt.eos_token_ids(),
         )
+
+
+def llama_config(config: dict):
+    """A config.json's contents as transformers' LlamaConfig (its defaults, its reading of rope parameters)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig.from_dict(config)
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
