@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m tee_client.demo
 
+# two test processes (pytest-xdist), each test file whole in one of them: most of a process test is a
+# gpu-server starting and one side waiting for the other, so two at once finish in ~8.5 min instead of ~14
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # the in-process tier: no server process (handler, masks, trusted-side functions), under a minute
 test-fast: install
