@@ -2,10 +2,12 @@
 
 For a reply Y = X·Wᵀ the client draws a secret vector r, fresh from the CSPRNG for this one call
 and never sent, and compares Y·r with X·(Wᵀ·r), computed from its own copy of the weights: the
-cost is O(rows·(in + out)) against the product's O(rows·in·out). The output columns are cut into
-blocks, each block of each row one check: float32 replies in whole rows (equal blocks of at most
-BLOCK_FLOAT32 = 2048 columns for wider ones, e.g. the logits), float16 and bfloat16 replies and
-the ring in blocks of BLOCK = 32, where the coarser rounding would otherwise drown one element.
+cost is O(rows·(in + out)) against the product's O(rows·in·out). A float32 call is one check per
+row across all its modules (one r over their concatenated outputs: Σ_m Y_m·r_m against
+X·Σ_m W_mᵀ·r_m, one product of X with one vector: `Rows`); wider rows (the logits: equal blocks
+of at most BLOCK_FLOAT32 = 2048 columns), float16 and bfloat16 replies and the ring (blocks of
+BLOCK = 32, where the coarser rounding would otherwise drown one element) are cut into blocks per
+module, each block of each row one check.
 
 Offline (`prepare`, called before each forward, like the otp pads; its time is `offline_ms`): for
 every call the last forward made, a fresh r per weight and the call's Wᵀ·r are drawn and kept for
@@ -23,12 +25,17 @@ u·‖r∘y‖/√3) and float32 accumulation over the inner dimension n (about 
 float32 reference adds the same again). The tolerance is SIGMAS times the sum of those standard
 deviations, τ = SIGMAS·(2·2⁻²⁴·√n·‖x‖·‖r∘‖w‖‖ + u/√3·‖r∘y‖), where float32 replies take the bound
 ‖r∘y‖ ≤ ‖x‖·‖r∘‖w‖‖ (Cauchy–Schwarz; a bias adds ‖r∘b‖), which costs no pass over y, and float16
-and bfloat16 need the exact ‖r∘y‖. One element changed by δ moves its block's sum by |δ·r_j| ≥ |δ|,
-so it fails whenever |δ| > τ: on SmolLM2 at 512 tokens τ is 0.02–0.07 times the row's RMS (float32,
-whole rows, 99th percentile per module) and about 0.2 times it (bfloat16, blocks of 32). Several
-changed elements in one block pass only if their sum against r lands within ±τ: with δ the largest
-change, that happens with probability at most τ/δ (given the other entries, r_j's density is at
-most 1/2 and the window has width 2τ/δ), independently in each block. Every quantity is float32.
+and bfloat16 need the exact ‖r∘y‖; a call's modules add their variances (the root of the sum of
+their squared spreads). Where x is an RMSNorm's output (the model says so: q/k/v, gate/up, lm_head),
+x_i = g ⊙ ĥ_i with ‖ĥ_i‖ ≤ √n, and ‖x_i‖·‖r∘‖w‖‖ gives way to √n·‖r∘‖g⊙w‖‖, the same Cauchy–Schwarz
+bound of Σ|x_ik·w_jk| split the other way, with g folded into the weights offline: no pass over x.
+One element changed by δ moves its row's (or block's) sum by |δ·r_j| ≥ |δ|, so it fails whenever
+|δ| > τ: on SmolLM2 at 512 tokens τ is 0.02–0.09 times the changed module's row RMS (float32,
+median per module; 0.03–0.29 at the 99th percentile, at most 0.55) and about 0.2 times it
+(bfloat16, blocks of 32). Several changed elements in one check pass only if their sum against r
+lands within ±τ: with δ the largest change, that happens with probability at most τ/δ (given the
+other entries, r_j's density is at most 1/2 and the window has width 2τ/δ), independently in each
+check. Every quantity is float32.
 
 Ring (otp: LinearRing, LMHeadRing): the check is exact in Z_2^k, in blocks of 32. r_j is odd and
 uniform below 2^RING_R_BITS = 2^8 (a unit mod 2^k), so a block with one wrong element always fails.
