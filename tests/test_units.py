@@ -10,10 +10,20 @@ import pytest
 from pydantic import ValidationError
 
 from protocol.endpoints import Endpoint
-from protocol.errors import BadShape, ModelMismatch, RemoteError, TSQPError, UsageError, from_reply
+from protocol.errors import (
+    BadReply,
+    BadShape,
+    CheckpointError,
+    ModelMismatch,
+    RemoteError,
+    TSQPError,
+    UsageError,
+    from_reply,
+)
 from protocol.security import keygen, load_keypair
 from tee_client.settings import ClientSettings, GenerateSettings, PrefillSettings
 from tee_client.stats import Call, Stats
+from tsqp.spec import llama_config, load_tokenizer
 
 
 def test_the_trusted_side_imports_no_server_code():
@@ -210,3 +220,12 @@ def test_a_reply_header_no_server_of_this_protocol_sends_is_a_bad_reply():
         with pytest.raises(VersionMismatch):
             rpc.decode([encode({"v": PROTOCOL_VERSION + 1, "id": 0, "ok": True, "extra": 1})])
         assert rpc.decode([encode({"v": PROTOCOL_VERSION, "id": 0, "ok": True})])[0].ok  # the control
+
+
+def test_a_config_or_tokenizer_transformers_cannot_read_is_one_error_not_a_traceback(tmp_path):
+    """The server's Init config and tokenizer are untrusted input (BadReply); the client's own copy's are a
+    CheckpointError: either way one line, never transformers' own exception."""
+    with pytest.raises(BadReply, match="the server's config is not a Llama config transformers can read"):
+        llama_config({"model_type": "llama", "hidden_size": "wide"}, "the server's config", BadReply)
+    with pytest.raises(CheckpointError, match="the tokenizer of x cannot be loaded"):
+        load_tokenizer(tmp_path, "the tokenizer of x", CheckpointError)  # a folder with no tokenizer files

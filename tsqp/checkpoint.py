@@ -16,8 +16,8 @@ import hashlib
 import importlib.util
 import json
 import logging
-import pickle
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ BEHAVIOUR_FILES = (
 )
 TOKENIZER_FILES = tuple(name for name in BEHAVIOUR_FILES if name not in ("config.json", "generation_config.json"))
 ATTENTION = MODULES[:4]  # under self_attn, biased if attention_bias; the others under mlp, biased if mlp_bias
-SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads")
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
 
 
 @dataclass
@@ -128,9 +128,9 @@ def load_checkpoint(path: str | os.PathLike | None, dtype: torch.dtype, device: 
     path = Path(path) if path else embedded_model_path()
     folder, digest = resolve_folder(path)
     config = read_config(folder, path)
-    shapes = linear_shapes(config, path)
+    n_layers, shapes = linear_shapes(config, path)
     take = Tensors(read_weights(folder, path), path, dtype, device)
-    layers = [read_layer(take, config, shapes, i) for i in range(int(config["num_hidden_layers"]))]
+    layers = [read_layer(take, config, shapes, i) for i in range(n_layers)]
     embed = take("model.embed_tokens.weight", shapes["lm_head"])
     tied = config.get("tie_word_embeddings", False)  # transformers' LlamaConfig default
     lm_head = Linear(embed if tied else take("lm_head.weight", shapes["lm_head"]))
@@ -154,19 +154,18 @@ def read_layer(take: "Tensors", config: dict, shapes: dict, i: int) -> Layer:
     return Layer(linears, *norms)
 
 
-def linear_shapes(config: dict, path: Path) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear module (and of the LMHead, the embedding table's too), as transformers' LlamaConfig
-    reads the sizes: key-value heads default to the heads, head_dim to hidden / heads."""
+def linear_shapes(config: dict, path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The number of layers, and (out, in) of every linear module (and of the LMHead, the embedding table's too), as
+    transformers' LlamaConfig reads the sizes: key-value heads default to the heads, head_dim to hidden / heads."""
     try:
-        vocab, hidden, inter, heads = (int(config[key]) for key in SIZES)
-        int(config["num_hidden_layers"])
+        vocab, hidden, inter, heads, n_layers = (int(config[key]) for key in SIZES)
         kv = int(config.get("num_key_value_heads") or heads)
         d = int(config.get("head_dim") or hidden // heads)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"the config of {path} lacks a usable size ({describe(e)})") from None
     attention = {"q_proj": (heads * d, hidden), "k_proj": (kv * d, hidden), "v_proj": (kv * d, hidden)}
     mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    return attention | {"o_proj": (hidden, heads * d)} | mlp | {"lm_head": (vocab, hidden)}
+    return n_layers, attention | {"o_proj": (hidden, heads * d)} | mlp | {"lm_head": (vocab, hidden)}
 
 
 def read_json(file: Path) -> dict:
@@ -265,7 +264,9 @@ def gguf_cache(gguf: Path, digest: str) -> Path:
 
 def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a CLI's stderr is for its own one-line errors
     log.warning("converting %s once (dequantizing, ~20 s); cached in %s", gguf.name, out.parent)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

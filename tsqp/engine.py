@@ -33,8 +33,7 @@ class Engine:
         self.device = self.embed.device
         self.max_result_bytes = max_result_bytes
         self.itemsize = self.embed.element_size()
-        # every linear module and RMSNorm weight by name, looked up once: a decode step makes 60 calls,
-        # and nn.Module attribute lookups were a fifth of a call's Python
+        # every linear module and RMSNorm weight by name, looked up once: a decode step makes 60 calls
         self.linears = {(i, name): layer.linears.get(name) for i, layer in enumerate(self.layers) for name in MODULES}
         self.attention_norms = [layer.input_norm for layer in self.layers]
         self.ffn_norms = [layer.post_attention_norm for layer in self.layers]

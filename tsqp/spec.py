@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from protocol.errors import BadReply, CheckpointError, TSQPError, describe
 from protocol.wire import DTYPE_NAMES, PROTOCOL_VERSION, TORCH_DTYPES
 
 
@@ -73,9 +74,9 @@ class ModelSpec:
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in result["tokenizer"].items():
                 (Path(tmp) / Path(name).name).write_bytes(data)
-            tokenizer = load_tokenizer(tmp)
+            tokenizer = load_tokenizer(tmp, "the server's tokenizer", BadReply)
         return cls(
-            config=llama_config(result["config"]),
+            config=llama_config(result["config"], "the server's config", BadReply),
             norms={n: t.float().clone() for n, t in zip(result["norms"], tensors, strict=True)},
             tokenizer=tokenizer,
             name=result["model"],
@@ -87,9 +88,9 @@ class ModelSpec:
     @classmethod
     def from_checkpoint(cls, ckpt) -> "ModelSpec":
         return cls(
-            config=llama_config(ckpt.config),
+            config=llama_config(ckpt.config, f"the config of {ckpt.name}", CheckpointError),
             norms={n: w.detach().float().cpu() for n, w in norm_weights(ckpt).items()},
-            tokenizer=load_tokenizer(ckpt.folder),
+            tokenizer=load_tokenizer(ckpt.folder, f"the tokenizer of {ckpt.name}", CheckpointError),
             name=ckpt.name,
             fingerprint=ckpt.fingerprint,
             dtype=ckpt.dtype,
@@ -97,14 +98,21 @@ class ModelSpec:
         )
 
 
-def llama_config(config: dict):
-    """A config.json's contents as transformers' LlamaConfig (its defaults, its reading of rope parameters)."""
+def llama_config(config: dict, what: str = "the config", error: type[TSQPError] = CheckpointError):
+    """A config.json's contents as transformers' LlamaConfig (its defaults, its reading of rope parameters); one that
+    it cannot read is `error` (the server's: BadReply; the client's own copy's: CheckpointError), not a traceback."""
     from transformers import LlamaConfig
 
-    return LlamaConfig.from_dict(config)
+    try:
+        return LlamaConfig.from_dict(config)
+    except Exception as e:  # transformers validates with errors of its own (and huggingface_hub's)
+        raise error(f"{what} is not a Llama config transformers can read ({describe(e)})") from None
 
 
-def load_tokenizer(folder):
+def load_tokenizer(folder, what: str = "the tokenizer", error: type[TSQPError] = CheckpointError):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # a folder without (usable) tokenizer files
+        raise error(f"{what} cannot be loaded ({describe(e)})") from None
