@@ -5,11 +5,13 @@ as tee-client builds them (plain, with --attention server too, and otp, each wit
 --verify; --variants picks some).
 Each forward is prepared as tee-client prepares it (ops.prepare before it: the otp pads and
 --verify's secrets, timed as offline) and keeps the logits tee-client keeps (--logits, default
-last). After --warmup untimed forwards each, --runs rounds visit every variant in turn, so drift
-hits all alike; each point is a median (with the IQR and the range of the runs). The overhead
-three ways: the ratio of medians; the median over rounds of each round's ratio (verified against
-unverified in the same round, seconds apart: what drift between rounds cannot move); and the
-checks' own time (the median run's timing.verify_ms) as a share of the unverified median.
+last). After --warmup untimed forwards each, --runs rounds visit every variant in turn (every
+other round in reverse order, so that no variant always runs first), so drift hits all alike;
+each point is a median (with the IQR and the range of the runs). The overhead three ways: the
+ratio of medians; the median over rounds of each round's ratio (verified against unverified in
+the same round, seconds apart: what drift between rounds cannot move), with a 95% bootstrap
+interval over the rounds; and the checks' own time (the median run's timing.verify_ms) as a
+share of the unverified median.
 """
 
 import argparse
@@ -69,9 +71,9 @@ def measure(args) -> dict:
                 for _ in range(args.warmup):
                     ops.prepare(ids.numel(), head_rows)
                     model.forward(ids, mask, args.logits)
-            runs = {name: [] for name in models}
-            for _ in range(args.runs):  # interleaved
-                for name, (model, ops) in models.items():
+            runs, order = {name: [] for name in models}, list(models.items())
+            for i in range(args.runs):  # interleaved, every other round backwards
+                for name, (model, ops) in order if i % 2 == 0 else reversed(order):
                     offline = prepare(ops, ids.numel(), head_rows)
                     runs[name].append(timed_forward(model, ids, mask, offline, args.logits))
             points.append({"length": length, "variants": summarize(runs)})
@@ -98,11 +100,19 @@ def summarize(runs: dict) -> dict:
     for name, v in out.items():
         base = out.get(name.removesuffix("+verify"))
         v["vs_unverified"] = v["median_ms"] / base["median_ms"] if base else None
-        v["paired_vs_unverified"] = (
-            float(np.median(np.divide(v["runs_ms"], base["runs_ms"]))) if base else None
-        )  # round by round
+        paired = np.divide(v["runs_ms"], base["runs_ms"]) if base else None  # round by round
+        v["paired_vs_unverified"] = float(np.median(paired)) if base else None
+        v["paired_ci95"] = bootstrap_median_ci(paired) if base else None
         v["verify_share"] = v["verify_ms"] / base["median_ms"] if base else None
     return out
+
+
+def bootstrap_median_ci(ratios: np.ndarray, resamples: int = 10000) -> list[float]:
+    """A 95% percentile-bootstrap interval of the median of the per-round ratios (rounds resampled with
+    replacement; a fixed seed, so the same runs give the same interval)."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(ratios, size=(resamples, len(ratios))), axis=1)
+    return [float(q) for q in np.percentile(medians, [2.5, 97.5])]
 
 
 def plot(data: dict):
@@ -138,12 +148,17 @@ def table(data: dict) -> str:
                     v["checks"],
                     percent(v["vs_unverified"], -1),
                     percent(v.get("paired_vs_unverified"), -1),
+                    interval(v.get("paired_ci95")),
                     percent(v.get("verify_share"), 0, signed=False),
                 ]
             )
     header = ["length", "mode", "median ms", "IQR ms", "range ms", "verify ms", "offline ms", "checks"]
-    header += ["vs same mode unverified (medians)", "paired, per round", "verify ms / unverified"]
+    header += ["vs same mode unverified (medians)", "paired, per round", "paired 95% CI", "verify ms / unverified"]
     return markdown_table(header, rows)
+
+
+def interval(ci: list[float] | None) -> str:
+    return "–" if ci is None else f"{percent(ci[0], -1)} to {percent(ci[1], -1)}"
 
 
 def percent(ratio: float | None, less: float, signed: bool = True) -> str:
