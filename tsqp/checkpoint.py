@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ BEHAVIOUR_FILES = (
 TOKENIZER_FILES = tuple(name for name in BEHAVIOUR_FILES if name not in ("config.json", "generation_config.json"))
 ATTENTION = MODULES[:4]  # under self_attn, biased if attention_bias; the others under mlp, biased if mlp_bias
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+IGNORED = ("rotary_emb.inv_freq",)  # buffers older checkpoints hold beside the weights; recomputed from the config
 
 
 @dataclass
@@ -134,7 +134,10 @@ def load_checkpoint(path: str | os.PathLike | None, dtype: torch.dtype, device: 
     embed = take("model.embed_tokens.weight", shapes["lm_head"])
     tied = config.get("tie_word_embeddings", False)  # transformers' LlamaConfig default
     lm_head = Linear(embed if tied else take("lm_head.weight", shapes["lm_head"]))
+    if tied and "lm_head.weight" in take.tensors and not torch.equal(take("lm_head.weight", shapes["lm_head"]), embed):
+        raise CheckpointError(f"cannot load {path}: its config ties lm_head.weight to the embedding, but they differ")
     norm = take("model.norm.weight", shapes["lm_head"][1:])
+    take.check_all_taken()
     fingerprint = hashlib.sha256(f"{digest}:{dtype}".encode()).hexdigest()[:32]
     return Checkpoint(config, embed, layers, norm, lm_head, folder, path.name, fingerprint)
 
@@ -157,15 +160,25 @@ def read_layer(take: "Tensors", config: dict, shapes: dict, i: int) -> Layer:
 def linear_shapes(config: dict, path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     """The number of layers, and (out, in) of every linear module (and of the LMHead, the embedding table's too), as
     transformers' LlamaConfig reads the sizes: key-value heads default to the heads, head_dim to hidden / heads."""
-    try:
-        vocab, hidden, inter, heads, n_layers = (int(config[key]) for key in SIZES)
-        kv = int(config.get("num_key_value_heads") or heads)
-        d = int(config.get("head_dim") or hidden // heads)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(f"the config of {path} lacks a usable size ({describe(e)})") from None
+    vocab, hidden, inter, heads, n_layers = (size(config, key, path) for key in SIZES)
+    kv, d = size(config, "num_key_value_heads", path, heads), size(config, "head_dim", path, hidden // heads)
+    if heads % kv:
+        raise CheckpointError(
+            f"the config of {path} has {heads} attention heads: not a multiple of {kv} key-value heads"
+        )
     attention = {"q_proj": (heads * d, hidden), "k_proj": (kv * d, hidden), "v_proj": (kv * d, hidden)}
     mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
     return n_layers, attention | {"o_proj": (hidden, heads * d)} | mlp | {"lm_head": (vocab, hidden)}
+
+
+def size(config: dict, key: str, path: Path, default: int | None = None) -> int:
+    """A size from the config (`default` where it has none): a positive int, not 64.0, "64" or true."""
+    value = default if config.get(key) is None else config[key]
+    if value is None:
+        raise CheckpointError(f"the config of {path} lacks {key}")
+    if type(value) is not int or value <= 0:
+        raise CheckpointError(f"the config of {path} has {key} {value!r}, not a positive integer")
+    return value
 
 
 def read_json(file: Path) -> dict:
@@ -175,31 +188,64 @@ def read_json(file: Path) -> dict:
 def read_config(folder: Path, path: Path) -> dict:
     try:
         config = read_json(folder / "config.json")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read the config of {path}: {describe(e)}") from None
     if not isinstance(config, dict) or config.get("model_type") != "llama":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise CheckpointError(f"{path} is a {kind!r} model; only Llama-architecture models are supported")
+    if config.get("hidden_act", "silu") != "silu":  # the trusted side's MLP is Llama's: silu(gate) * up
+        raise CheckpointError(f"{path} has hidden_act {config['hidden_act']!r}; only Llama's 'silu' is supported")
     return config
 
 
 def read_weights(folder: Path, path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors files, or else of its .bin files (read as plain tensors only)."""
+    """Every tensor of the folder's safetensors files, or else of its .bin files (read as plain tensors only). A shard
+    its index names but the folder lacks, or a tensor in two files, is an error: never a silent choice."""
+    kind = ".safetensors" if regular_files(folder, "*.safetensors") else ".bin"
+    for index in regular_files(folder, f"*{kind}.index.json"):
+        if missing := sorted(shard for shard in set(index_shards(index)) if not (folder / shard).is_file()):
+            raise CheckpointError(f"cannot load {path}: its {index.name} names {missing[0]}, which is not there")
     tensors: dict[str, torch.Tensor] = {}
-    try:
-        if files := sorted(folder.glob("*.safetensors")):
-            from safetensors.torch import load_file
-
-            for f in files:
-                tensors.update(load_file(f))
-        else:
-            for f in sorted(folder.glob("*.bin")):
-                tensors.update(torch.load(f, map_location="cpu", weights_only=True))
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
-        raise CheckpointError(f"cannot load {path}: {describe(e)}") from None
+    where: dict[str, str] = {}
+    for f in regular_files(folder, f"*{kind}"):
+        for name, t in read_tensors(f).items():
+            if name in where:
+                raise CheckpointError(f"cannot load {path}: {name} is in both {where[name]} and {f.name}")
+            tensors[name], where[name] = t, f.name
     if not tensors:
         raise CheckpointError(f"cannot load {path}: no tensors in its .safetensors or .bin files")
     return tensors
+
+
+def index_shards(index: Path) -> list[str]:
+    """The files a sharded checkpoint's index (model.safetensors.index.json) names."""
+    try:
+        return [str(shard) for shard in read_json(index)["weight_map"].values()]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {index}: {describe(e)}") from None
+
+
+def read_tensors(f: Path) -> dict[str, torch.Tensor]:
+    """One weight file's tensors by name; a .bin file is unpickled with weights_only, so no code in it can run."""
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(f)
+        else:
+            tensors = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"cannot load {f}: it holds more than tensors (unpickling it could run code)") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError, EOFError) as e:
+        raise CheckpointError(f"cannot load {f}: {describe(e)}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and torch.is_tensor(t) for k, t in tensors.items()):
+        raise CheckpointError(f"cannot load {f}: it is not a state dict (tensors by name)")
+    return tensors
+
+
+def regular_files(folder: Path, pattern: str) -> list[Path]:
+    """The folder's files matching `pattern`, sorted; not a folder, a broken link or a FIFO (reading it would hang)."""
+    return sorted(f for f in folder.glob(pattern) if f.is_file())
 
 
 class Tensors:
@@ -208,17 +254,27 @@ class Tensors:
 
     def __init__(self, tensors: dict, path: Path, dtype: torch.dtype, device: torch.device):
         self.tensors, self.path, self.dtype, self.device = tensors, path, dtype, device
+        self.untaken = {name for name in tensors if not name.endswith(IGNORED)}
 
     def __call__(self, name: str, shape: tuple) -> torch.Tensor:
-        t = self.tensors.get(name)
-        if t is None:
-            t = self.tensors.get(name.removeprefix("model."))  # saved from the bare model, without its head
+        key = name if name in self.tensors else name.removeprefix("model.")  # saved from the bare model, headless
+        t = self.tensors.get(key)
         if t is None:
             raise CheckpointError(f"cannot load {self.path}: it has no tensor {name}")
         if tuple(t.shape) != shape:
             raise CheckpointError(f"cannot load {self.path}: {name} is {list(t.shape)}, its config says {list(shape)}")
+        if not t.is_floating_point():  # an int8 or 4-bit packed weight cast to float is a wrong model
+            raise CheckpointError(f"cannot load {self.path}: {name} is {t.dtype}, not floating point (quantized?)")
+        self.untaken.discard(key)
         # copied: safetensors maps the file, and a file rewritten in place must not change (or crash) a running model
         return t.to(device=self.device, dtype=self.dtype, copy=True)
+
+    def check_all_taken(self) -> None:
+        """A tensor the config has no place for (a layer past num_hidden_layers, a bias it does not enable) would be
+        dropped from the model: an error instead."""
+        if extra := sorted(self.untaken):
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise CheckpointError(f"cannot load {self.path}: its config has no place for tensor {extra[0]}{more}")
 
 
 def resolve_folder(path: Path) -> tuple[Path, str]:
@@ -227,7 +283,7 @@ def resolve_folder(path: Path) -> tuple[Path, str]:
         digest = file_digest([path])
         return gguf_cache(path, digest), digest
     if path.is_dir() and (path / "config.json").is_file():
-        weights = sorted(f for pat in WEIGHT_PATTERNS for f in path.glob(pat))
+        weights = sorted(f for pat in WEIGHT_PATTERNS for f in regular_files(path, pat))
         if not weights:
             raise CheckpointError(f"{path} has a config.json but no weight files ({', '.join(WEIGHT_PATTERNS)})")
         return path, file_digest([*(f for name in BEHAVIOUR_FILES if (f := path / name).is_file()), *weights])
@@ -239,9 +295,12 @@ def resolve_folder(path: Path) -> tuple[Path, str]:
 def file_digest(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        try:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+        except OSError as e:  # unreadable, or gone since it was listed
+            raise CheckpointError(f"cannot read {f}: {describe(e)}") from None
     return h.hexdigest()
 
 
@@ -249,16 +308,14 @@ def gguf_cache(gguf: Path, digest: str) -> Path:
     target = cache_dir() / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        convert_gguf(gguf, staging)
-        staging.rename(target)  # atomic: a concurrent start sees all or nothing
-    except OSError:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".convert-", dir=target.parent, ignore_cleanup_errors=True) as staging:
+            convert_gguf(gguf, Path(staging))
+            Path(staging).rename(target)  # atomic: a concurrent start sees all or nothing
+    except Exception as e:  # transformers' GGUF reader fails with errors of its own; a concurrent start may have won
         if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"cannot convert {gguf} (into {target.parent}): {describe(e)}") from None
     return target
 
 
