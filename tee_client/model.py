@@ -11,9 +11,13 @@ Generation (`prefill` then `decode`, one token per row per step) keeps a `KVCach
 the TEE: the server stays stateless and a decode step's attention (one query row against the
 cached keys: O(context) work) runs here too, so what crosses per step is the same few rows
 of activations whatever the context, and no key or value ever leaves the TEE after a prefill.
-Where the ops allow it (plain mode, no --verify, no q/k/v/gate/up biases) a decode step takes
-two calls per layer instead of four: the server adds the residual and applies the RMSNorm
-weight, the linear parts (`Ops.residual`), and this side scales each product by 1/rms.
+
+Where the ops allow it (plain mode, no q/k/v/gate/up biases) a forward, prefill or decode step,
+takes two calls per layer instead of four (`run_fused`): the server adds the residual and applies
+the RMSNorm weight, the linear parts (`Ops.residual`), and this side scales each product by
+1/rms. The same bytes cross; half the round trips. --verify checks such a reply in float32 only,
+so a float16 or bfloat16 model's prefill takes the four calls, verified or not (its logits the
+same either way), and so does its decode when verified.
 """
 
 from dataclasses import dataclass
@@ -93,9 +97,14 @@ class Llama:
         self.attention_norms = [spec.norms[f"layers.{i}.input_layernorm"] for i in range(self.n_layers)]
         self.ffn_norms = [spec.norms[f"layers.{i}.post_attention_layernorm"] for i in range(self.n_layers)]
         self.final_norm = spec.norms["norm"]
-        # decode in two calls per layer (Ops.residual) where nothing needs each matmul on its own
+        # two calls per layer (Ops.residual) where nothing needs each matmul on its own (see the module's docstring)
         biased = getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False)
-        self.fused_decode = ops.fuses_residuals and ops.verifier is None and not biased
+        fusable, checkable = ops.fuses_residuals and not biased, spec.dtype == torch.float32
+        self.fused_prefill = fusable and checkable
+        self.fused_decode = fusable and (checkable or ops.verifier is None)
+        self.logits_in_residual = (
+            ops.verifier is None
+        )  # --verify checks the logits in blocks: an LMHead call of its own
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits: str = "all") -> Tensor:
@@ -125,14 +134,24 @@ class Llama:
         mask = decode_mask(cache.lengths)  # None: all rows at one position, so nothing to hide
         input_pos = pos if mask is not None else pos[0]
         step = Pass(self.rope(pos, cache.lengths + 1), mask, cache=cache, input_pos=input_pos, decoding=True)
-        ids = tokens[:, None]
-        logits = self.run_fused(ids, step) if self.fused_decode else self.run(ids, None, step, "all")
+        logits = self.run(tokens[:, None], None, step, "all")
         cache.lengths = cache.lengths + 1
         return logits[:, 0]
 
-    def run_fused(self, input_ids: Tensor, step: Pass) -> Tensor:
-        """`run` in two calls per layer, logits at every position: each Residual call returns the new residual
-        stream and the next modules' products of it, to be scaled by its 1/rms (the server applied the weight)."""
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None, step: Pass, logits: str) -> Tensor:
+        if self.fused_decode if step.decoding else self.fused_prefill:
+            return self.run_fused(input_ids, attention_mask, step, logits)
+        x = self.ops.embedding(input_ids)
+        for layer in range(self.n_layers):
+            x = self.block(layer, x, step)
+        return self.head(x, attention_mask, logits)
+
+    def run_fused(self, input_ids: Tensor, attention_mask: Tensor | None, step: Pass, logits: str) -> Tensor:
+        """`run` in two calls per layer: each Residual call returns the new residual stream and the next modules'
+        products of it, to be scaled by its 1/rms (the server applied the weight). A decode step's last one carries
+        the LMHead (unless --verify checks the logits: in blocks, on an LMHead call of their own); a prefill ends as
+        `run` does, so that its logits are the same whether verified or not."""
+        every = step.decoding and self.logits_in_residual
         x = self.ops.embedding(input_ids)
         qkv = self.ops.linear(0, QKV, rms_norm(x, self.attention_norms[0], self.eps), normed=True)
         for layer in range(self.n_layers):
@@ -140,15 +159,16 @@ class Llama:
                 layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step), x
             )
             gate, up = rms_scale(h, (gate, up), self.eps)
-            nexts = ("lm_head",) if layer + 1 == self.n_layers else QKV
+            nexts = QKV if layer + 1 < self.n_layers else ("lm_head",) if every else ()
+            if not nexts:  # the LMHead on its own, as in `run`
+                x = residual(h, self.ops.linear(layer, ("down_proj",), silu_mul(gate, up))[0])
+                return self.head(x, attention_mask, logits)
             x, *qkv = self.ops.residual(layer, "down_proj", nexts, silu_mul(gate, up), h)
             qkv = rms_scale(x, qkv, self.eps)
         return qkv[0]  # the logits
 
-    def run(self, input_ids: Tensor, attention_mask: Tensor | None, step: Pass, logits: str) -> Tensor:
-        x = self.ops.embedding(input_ids)
-        for layer in range(self.n_layers):
-            x = self.block(layer, x, step)
+    def head(self, x: Tensor, attention_mask: Tensor | None, logits: str) -> Tensor:
+        """The LMHead over the final RMSNorm: at every position, or (logits="last") at each row's last real one."""
         if logits == "last":
             x = x[torch.arange(x.shape[0]), last_positions(attention_mask)].unsqueeze(1)
         return self.ops.lm_head(rms_norm(x, self.final_norm, self.eps), normed=True)

@@ -37,6 +37,10 @@ lands within ±τ: with δ the largest change, that happens with probability at 
 other entries, r_j's density is at most 1/2 and the window has width 2τ/δ), independently in each
 check. Every quantity is float32.
 
+Residual (plain mode's two calls per layer, float32): h = x + a·W_outᵀ is checked as one more product,
+[a, x]·[W_out, I]ᵀ, and the products that follow, of h ⊙ g, against h as the reply holds it, ‖h_i‖
+standing for the RMSNorm bound √n (Verifier.residual_terms has the tolerances).
+
 Ring (otp: LinearRing, LMHeadRing): the check is exact in Z_2^k, in blocks of 32. r_j is odd and
 uniform below 2^RING_R_BITS = 2^8 (a unit mod 2^k), so a block with one wrong element always fails.
 A block with several passes with probability at most 2^-(min(8, k − t) − 1), t the smallest 2-adic
@@ -111,6 +115,10 @@ class Rows:
     slope: float  # tolerance per unit of ‖x_i‖: c·‖(spread_m)_m‖, c the float32 rounding's SIGMAS deviations
     normed: float | None  # tolerance for RMSNorm rows (‖x_i ⊘ g‖ ≤ √n): c·√n·‖(normed_spread_m)_m‖; None: no norm
     slack: float  # what the biases add: c·‖(‖r_m∘b_m‖)_m‖
+    # a Residual call's two checks (Verifier.residual):
+    gated: Tensor | None = None  # modules after an RMSNorm, fed h ⊙ g: −g ⊙ Σ_m W_mᵀ·r_m, against the reply's h
+    per_norm: float | None = None  # and their tolerance per unit of ‖h_i‖ (the server's rounding of h ⊙ g included)
+    residual_slope: float | None = None  # one module h = x + a·Wᵀ (+ b): tolerance per unit of ‖[a_i, x_i]‖
 
 
 class Verifier:
@@ -182,6 +190,8 @@ class Verifier:
             draw.normed_spread = torch.cat(normed) if all(n is not None for n in normed) else None
             whole = all(self.weight(key).dtype == torch.float32 for key in keys) and blocks == widths
             draw.rows = self.rows(draw) if whole else None
+            if draw.rows is not None:
+                self.residual_terms(draw, keys)
         return draw
 
     def rows(self, draw: Draw) -> Rows:
@@ -196,6 +206,27 @@ class Verifier:
             normed = c * math.sqrt(draw.v.shape[1]) * RMS_SLACK * float(draw.normed_spread.norm())
         bias_sum = float(draw.bias_sums.sum()) if draw.bias_sums is not None else 0.0
         return Rows(-draw.v.sum(0), bias_sum, c * float(draw.spread.norm()), normed, slack)
+
+    def residual_terms(self, draw: Draw, keys: tuple) -> None:
+        """What a Residual call's checks need beyond a Linear call's (Verifier.residual), made with the draw.
+
+        Modules after an RMSNorm take u = h ⊙ g from the server: Σ_m u·W_mᵀ·r_m = h·(g ⊙ v), v = Σ_m W_mᵀ·r_m, and
+        ‖u_i ⊘ g‖ = ‖h_i‖ stands for the normed bound √n; the server's rounding of each u_k (at most 2⁻²⁴·|u_k|,
+        independent) moves the sum by 2⁻²⁴/√3·‖u_i∘v‖ ≤ 2⁻²⁴/√3·‖h_i‖·max|g ⊙ v| (one standard deviation).
+        Ours of h·(g ⊙ v) rounds g ⊙ v as much again. One module, its output plus the residual, h = x + a·Wᵀ, is
+        checked as [a, x]·[W, I]ᵀ: inner n + m, spread ‖r∘‖[w_j, e_j]‖‖ = √(‖r∘‖w‖‖² + ‖r‖²) (|r_j| ≥ 1, so it
+        bounds our sums over x and h too); four float32 sums (the server's product, ours of a·(Wᵀr), x·r and h·r)
+        and two roundings (the product, then h)."""
+        rows, inner = draw.rows, draw.v.shape[1]
+        if draw.normed_spread is not None:
+            rows.gated = rows.minus_v * self.norm_before(keys[0]).float()
+            c = self.tolerance(1.0, inner, torch.float32)
+            rows.per_norm = c * float(draw.normed_spread.norm())
+            rows.per_norm += 2 * SIGMAS * ACCUMULATE / math.sqrt(3) * float(rows.gated.abs().max())
+        if len(keys) == 1:
+            inner += draw.widths[0]
+            c = SIGMAS * ACCUMULATE * (4 * math.sqrt(inner) + 2 / math.sqrt(3))
+            rows.residual_slope = c * math.hypot(float(draw.spread.norm()), float(draw.rs[0].norm()))
 
     def float_draw(self, key) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """r for one weight, Wᵀ·r per block, ‖r∘‖w‖‖ per block, and ‖r∘‖g⊙w‖‖ (g the RMSNorm weight in front)."""
@@ -268,6 +299,8 @@ class Verifier:
             return self.linear(labels, tuple((layer, n) for n in names), sent[0], args.get("bias", True), normed)
         if method == "LMHead":
             return self.linear(["LMHead"], ("lm_head",), sent[0], False, normed)
+        if method == "Residual":
+            return self.residual(args["layer"], args["out"], args["names"], *sent)
         if method not in CHECKED_WHOLE:  # a reply no check covers must not pass as checked: nor be asked for
             raise IntegrityError(f"{method}: --verify has no check for this reply")
         return lambda received: self.after_reply(method, args, sent, received)
@@ -355,6 +388,49 @@ class Verifier:
                 passed = torch.linalg.vector_norm(sums.div_(tolerance), INF).item() <= 1
             if not passed:  # NaN and inf fail too: their norm is no number ≤ anything
                 self.failed_rows(labels, draw, x_tn, ys, biased, normed)
+
+        return check
+
+    def residual(self, layer: int, out: str, names: list[str], a: Tensor, x: Tensor) -> Callable[[list[Tensor]], None]:
+        """Residual (tsqp.engine.Engine.residual): h = x + a·W_outᵀ (+ b), then P_m = (h ⊙ g)·W_mᵀ for the modules
+        that follow, g the RMSNorm weight between them; float32 only. Two checks per row, each with its own r drawn
+        for this call: h against [a, x]·[W_out, I]ᵀ (the residual as a module of its own, the identity); then, once h
+        passed, the products against h as the reply holds it (residual_terms). Before the send: −a·(W_outᵀr) − x·r
+        and the first tolerance (the norms of a and x); after the reply: h·r, then ‖h‖, h·(g ⊙ v) and P_m·r_m."""
+        label = f"Residual layer {layer}"
+        after = layer + 1 if out == "down_proj" else layer
+        nexts = tuple(name if name == "lm_head" else (after, name) for name in names)
+        first, second = self.take("float", ((layer, out),)), self.take("float", nexts)
+        one, many = first.rows, second.rows
+        if a.dtype != torch.float32 or one is None or many is None or many.gated is None:
+            raise IntegrityError(f"{label}: --verify checks a Residual reply in float32 only")
+        a_tn, x_tn = a.reshape(-1, a.shape[-1]), x.reshape(-1, x.shape[-1])
+        r = first.rs[0]
+        sums = torch.mv(a_tn, one.minus_v).sub_(torch.mv(x_tn, r)).sub_(one.bias_sum)
+        tolerance = torch.hypot(torch.linalg.vector_norm(a_tn, dim=1), torch.linalg.vector_norm(x_tn, dim=1))
+        tolerance.mul_(one.residual_slope).add_(one.slack + TINY)
+        labels = [f"{label} {name}" for name in names]
+
+        def check(ys: list[Tensor]) -> None:
+            h, *products = fitting([f"{label} {out} (h)", *labels], [x_tn.shape[1], *second.widths], sums.shape[0], ys)
+            sums.addmv_(h, r)
+            self.checks += sums.shape[0]
+            ratio = sums / tolerance
+            if not torch.linalg.vector_norm(ratio, INF).item() <= 1:  # NaN and inf fail too
+                worst = int(torch.argmax(ratio.abs().nan_to_num(nan=INF)))
+                raise IntegrityError(
+                    f"{label} {out}: the residual stream h fails its check by {sums[worst].abs().item():.4g} "
+                    f"(tolerance {tolerance[worst].item():.3g}, row {worst}; {int((ratio.abs() > 1).sum())} of "
+                    f"{sums.numel()} checks fail)"
+                )
+            got = torch.mv(h, many.gated)
+            for y, r_m in zip(products, second.rs, strict=True):
+                got.addmv_(y, r_m)
+            self.checks += got.shape[0]
+            bound = torch.linalg.vector_norm(h, dim=1).mul_(many.per_norm).add_(TINY)
+            if not torch.linalg.vector_norm(got.div_(bound), INF).item() <= 1:
+                u = h * self.norm_before(nexts[0]).float()  # what the server multiplied, exactly
+                self.failed_rows(labels, second, u, products, False, False)
 
         return check
 

@@ -104,8 +104,9 @@ def test_plain_mode_control_the_spy_reads_every_generated_token(checkpoints, sta
 
 def test_verify_catches_a_wrong_reply_in_a_decode_step(checkpoints, start_server, tmp_path, capsys):
     folder = checkpoints("gqa")
-    # the prefill makes 8 Linear calls (2 layers): the 13th is in the second decode step
-    liar = start_server("--model", str(folder), "--inject-fault", "Linear:13", env={"TSQP_TESTING": "1"})
+    # two calls per layer (Residual) between a Linear for layer 0's q/k/v and one for the last down_proj: the prefill
+    # and each decode step make two Linear calls, the 6th the second decode step's down_proj of layer 1
+    liar = start_server("--model", str(folder), "--inject-fault", "Linear:6", env={"TSQP_TESTING": "1"})
     capsys.readouterr()
     extra = ("--verify", "--model", str(folder), "--max-new-tokens", "8")
     code, result = generate_cli(liar.endpoint, tmp_path, PROMPTS[:1], *extra)

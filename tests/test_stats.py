@@ -19,23 +19,24 @@ HEADER_MAX = 400  # bytes of msgpack header per message, generously
 
 
 def expected_tensor_bytes(c, bsz: int, seqlen: int) -> dict[str, tuple[int, int]]:
-    """(sent, received) tensor bytes per method for one float32 forward, from the config alone."""
+    """(sent, received) tensor bytes per method for one float32 plain forward, from the config alone: two calls per
+    layer (tee_client.model.Llama.run_fused), layer 0's q/k/v a Linear before them and the last down_proj one after."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    tokens, hidden, inter = bsz * seqlen, c.hidden_size, c.intermediate_size
+    tokens, hidden, inter, layers = bsz * seqlen, c.hidden_size, c.intermediate_size, c.num_hidden_layers
     q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
-    per_layer_linear = (
-        tokens * (hidden + q + hidden + inter),  # x for qkv, attn out for o, x for gate/up, h for down
-        tokens * (q + 2 * kv + hidden + 2 * inter + hidden),
+    residual = (  # Residual(o_proj -> gate, up) per layer, Residual(down_proj -> next q, k, v) but after the last
+        tokens * (layers * (q + hidden) + (layers - 1) * (inter + hidden)),  # attention out or SiLU·up, and x
+        tokens * (layers * (hidden + 2 * inter) + (layers - 1) * (hidden + q + 2 * kv)),  # h, and the products
     )
     scores = bsz * c.num_attention_heads * seqlen * seqlen
     per_layer_matmul = (
         tokens * (q + kv) + scores + tokens * kv,  # q, k; probs, v
         scores + tokens * q,
     )
-    layers = c.num_hidden_layers
     return {
         "Embedding": (tokens * 8, tokens * hidden * 4),
-        "Linear": (4 * layers * per_layer_linear[0], 4 * layers * per_layer_linear[1]),
+        "Linear": (4 * tokens * (hidden + inter), 4 * tokens * (q + 2 * kv + hidden)),
+        "Residual": (4 * residual[0], 4 * residual[1]),
         "Matmul": (4 * layers * per_layer_matmul[0], 4 * layers * per_layer_matmul[1]),
         "LMHead": (tokens * hidden * 4, tokens * c.vocab_size * 4),
     }
@@ -51,7 +52,7 @@ def test_stats_match_what_crossed(attention, checkpoints, start_server, tmp_path
     result, _ = run_prefill_cli(server.endpoint, tmp_path, prompts, seqlen, bsz, "--attention", attention)
     rpc = result["rpc"]
 
-    calls = {"Embedding": 1, "Linear": 4 * layers, "Matmul": 2 * layers, "LMHead": 1}
+    calls = {"Embedding": 1, "Linear": 2, "Residual": 2 * layers - 1, "Matmul": 2 * layers, "LMHead": 1}
     if attention == "tee":  # no attention product crosses
         del calls["Matmul"]
     assert {m: rpc[m]["calls"] for m in calls} == calls
@@ -75,7 +76,7 @@ def test_stats_match_what_crossed(attention, checkpoints, start_server, tmp_path
         "rope": 2 * layers,
         **({"softmax": layers} if attention == "server" else {"attention": layers}),
         "silu": layers,
-        "residual": 2 * layers,
+        "residual": 1,  # the last layer's: the others are the server's, in Residual
     }
 
     for m in calls:

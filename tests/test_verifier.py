@@ -154,8 +154,37 @@ def test_a_reply_that_does_not_fit_or_that_nothing_checks_fails_cleanly(engines)
     for wrong in (scores[:, :-1], scores[:, :, :-1], scores[:1], scores[..., None]):  # a row, a column, a head short
         with pytest.raises(IntegrityError, match="Matmul: reply of shape"):
             verifier.check("Matmul", {"transpose_b": True}, [a, b], [wrong])
-    with pytest.raises(IntegrityError, match="Residual: --verify has no check"):
+    with pytest.raises(IntegrityError, match="Residual layer 0 o_proj .h.: 1 results for 2 modules"):
         verifier.check("Residual", {"layer": 0, "out": "o_proj", "names": ["gate_proj"]}, [x, x], ys[:1])
+    with pytest.raises(IntegrityError, match="Residual layer 0: --verify checks a Residual reply in float32 only"):
+        half = Verifier(Engine(engines[torch.float16].ckpt))
+        half.check("Residual", {"layer": 0, "out": "o_proj", "names": ["gate_proj"]}, [x.half(), x.half()], ys[:2])
+
+
+def test_residual_replies_pass_and_a_wrong_residual_stream_or_product_fails(checkpoints):
+    """Residual (a forward's two calls per layer): h = x + a·W_outᵀ against [a, x]·[W_out, I]ᵀ, then the next
+    modules' products of h ⊙ g against the reply's h; one element of either, moved by its tensor's RMS, fails."""
+    engine = Engine(load_checkpoint(checkpoints("gqa"), torch.float32, torch.device("cpu")))  # no biases
+    verifier = Verifier(Engine(engine.ckpt))
+    x = activations(40, 64, torch.float32)
+    x[3] = 0  # a row of zeros
+    for args, width in (
+        ({"layer": 0, "out": "o_proj", "names": GATE_UP}, 64),
+        ({"layer": 0, "out": "down_proj", "names": QKV["names"]}, 112),  # feeds layer 1
+    ):
+        a = activations(40, width, torch.float32)
+        ys = engine.residual(args["layer"], args["out"], args["names"], a, x)
+        for _ in range(20):  # honest: never fails, whatever r is drawn
+            verifier.check("Residual", args, [a, x], ys)
+        names = [f"Residual layer 0 {args['out']}: the residual stream h"] + [
+            f"Residual layer 0 {n}" for n in args["names"]
+        ]
+        for i, what in enumerate(names):
+            wrong = [t.clone() for t in ys]
+            flat = wrong[i].view(-1)
+            flat[flat.numel() // 3] += flat.square().mean().sqrt()
+            with pytest.raises(IntegrityError, match=what):
+                verifier.check("Residual", args, [a, x], wrong)
 
 
 @pytest.mark.parametrize("ring_bits, limb_bits, width", [(50, 25, 576), (62, 31, 64), (40, 20, 1536)])

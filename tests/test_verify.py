@@ -36,6 +36,7 @@ def mode_flags(mode: str) -> list[str]:
     [
         ("plain", "Linear:5", "Linear layer 1 q_proj"),  # an RMSNorm's rows: bounded without a pass
         ("plain", "Linear:4", "Linear layer 0 down_proj"),  # rows of any norm
+        ("plain", "Residual:2", "Residual layer 0 down_proj: the residual stream h"),  # two calls per layer
         ("server-attention", "Matmul:3", "Matmul"),
         ("plain", "LMHead:1", "LMHead"),
         ("plain", "Embedding:1", "Embedding"),
@@ -47,7 +48,8 @@ def mode_flags(mode: str) -> list[str]:
 def test_a_wrong_reply_is_caught_every_time_with_verify_and_changes_logits_without(
     mode, fault, named, checkpoints, start_server, tmp_path, capsys
 ):
-    folder = checkpoints("mqa-tied-bias")
+    # biases on every projection keep a forward at four calls per layer; without them plain takes two (Residual)
+    folder = checkpoints("gqa" if fault.startswith("Residual") else "mqa-tied-bias")
     honest = start_server("--model", str(folder), name="honest.ipc")
     (tmp_path / "honest").mkdir(), (tmp_path / "fooled").mkdir(), (tmp_path / "caught").mkdir()
     flags = mode_flags(mode)
@@ -112,7 +114,7 @@ def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
 @pytest.mark.parametrize(
     "command, mode, fault",
     [
-        ("prefill", "plain", "Linear:3:shape"),
+        ("prefill", "plain", "Linear:2:shape"),  # layer 0's q/k/v, then the last down_proj: the rest are Residual
         ("prefill", "server-attention", "Matmul:2:shape"),
         ("prefill", "otp", "LinearRing:4:shape"),
         ("generate", "plain", "Residual:5:shape"),
