@@ -7,8 +7,9 @@ sends it (make_ops + Llama). The spy knows the weights; against what it kept it 
     RMSNorm(embedding)·w of layer 0; top-1 and top-5, raw and after removing the received tensor's top 1
     or 2 singular directions (the better kept);
   - max |cos| of the received rows with every plaintext hidden state of the same width that plain mode
-    sent (every Linear/LMHead input), per received weight-matmul input, raw and after removing the top 2
-    directions; the largest over the mode's requests;
+    puts through a weight matmul (every Linear/LMHead input, as four calls per layer would send them:
+    plaintext_states), per received weight-matmul input, raw and after removing the top 2 directions; the
+    largest over the mode's requests;
   - |correlation| of the layer-0 tensors of the two runs (≈1 if a pad were reused);
   - the subspace attack per 16-token block: the share of each block's distinct tokens found among the
     table rows lying most in the span of what the block sent (weighted by the block's distinct tokens);
@@ -143,8 +144,31 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def matmul_inputs(calls: list[dict]) -> list[torch.Tensor]:
-    """Every weight-matmul input of one forward, as (rows, width) float64: the first is layer 0's q/k/v input."""
-    return [rows(c["tensors"][0]) for c in calls if c["method"] in WEIGHT_MATMULS]
+    """Every weight-matmul input of one forward, as (rows, width) float64: the first is layer 0's q/k/v input. A
+    Residual request (plain mode's two calls per layer) holds two: o_proj's or down_proj's input, and the residual
+    stream."""
+    return [rows(t) for c in calls if c["method"] in (*WEIGHT_MATMULS, "Residual") for t in inputs(c)]
+
+
+def inputs(call: dict) -> list[torch.Tensor]:
+    return call["tensors"] if call["method"] == "Residual" else call["tensors"][:1]
+
+
+def plaintext_states(calls: list[dict], ckpt) -> list[torch.Tensor]:
+    """Every hidden state plain mode's forward puts through a weight matmul, as (rows, width) float64, as its four
+    calls per layer would send them: a Linear's or LMHead's input; of a Residual request, o_proj's or down_proj's
+    input, and its residual stream through the RMSNorm that follows (the spy has its weight): the q/k/v input of
+    the layer o_proj's call is in, or the gate/up input of down_proj's."""
+    states, eps = [], ckpt.config["rms_norm_eps"]
+    for c in calls:
+        if c["method"] == "Residual":
+            a, x = c["tensors"]
+            layer = ckpt.layers[c["args"]["layer"]]
+            norm = layer.input_norm if c["args"]["out"] == "o_proj" else layer.post_attention_norm
+            states += [rows(a), rows(rms_norm(x.float(), norm.detach().float(), eps))]
+        elif c["method"] in WEIGHT_MATMULS:
+            states.append(rows(c["tensors"][0]))
+    return states
 
 
 def layer0_input(calls: list[dict]) -> torch.Tensor:
@@ -231,7 +255,7 @@ def leakage(received: list, again: torch.Tensor, plaintext: dict, table: torch.T
 def measure_leakage(ckpt) -> dict:
     runs, ids = spy(load_tokenizer(ckpt.folder))
     table = first_layer_table(ckpt)
-    plaintext = by_width(matmul_inputs(runs["plain"][0]))
+    plaintext = by_width(plaintext_states(runs["plain"][0], ckpt))
     results = {}
     for name, (received, again, seen, methods) in constructions(runs, ids).items():
         results[name] = {"ids_seen": seen, "methods": methods, **leakage(received, again, plaintext, table, ids)}

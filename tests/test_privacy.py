@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks.attacks import max_abs_cosine, nearest_embedding_recovery, run_correlation
+from benchmarks.privacy import by_width, plaintext_states
 from checkpoints import CORPUS, VARIANTS
 from conftest import reference_logits, run_prefill_cli
 from tsqp.checkpoint import embedded_model_path, load_checkpoint, resolve_folder
@@ -180,12 +181,8 @@ def test_the_spy_never_sees_token_ids_attention_or_a_repeat(spied, mode):
 def test_otp_received_rows_are_unrelated_to_any_plaintext_hidden_state(spied, smollm2):
     plain, out = spied["plain"]
     otp, _ = spied["otp1"]
-    plaintext = {}
-    for c in plain:
-        if c["method"] in ("Linear", "LMHead"):
-            t = c["tensors"][0].reshape(-1, c["tensors"][0].shape[-1])
-            plaintext.setdefault(t.shape[-1], []).append(t)
-    plaintext = {width: torch.cat(ts) for width, ts in plaintext.items()}
+    plaintext = by_width(plaintext_states(plain, smollm2))  # every layer's, though plain sends Residual calls
+    assert set(plaintext) == {576, 1536} and plaintext[576].shape[0] > 60 * out["input_ids"].shape[1]
     worst = {"max_abs_cos": 0.0, "max_abs_cos_svd2": 0.0}
     for c in otp:
         u = c["tensors"][0]
