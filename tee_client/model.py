@@ -102,9 +102,8 @@ class Llama:
         fusable, checkable = ops.fuses_residuals and not biased, spec.dtype == torch.float32
         self.fused_prefill = fusable and checkable
         self.fused_decode = fusable and (checkable or ops.verifier is None)
-        self.logits_in_residual = (
-            ops.verifier is None
-        )  # --verify checks the logits in blocks: an LMHead call of its own
+        # a decode step's last Residual carries the LMHead, unless --verify checks the logits (in blocks, on their own)
+        self.logits_in_residual = ops.verifier is None
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits: str = "all") -> Tensor:
