@@ -104,7 +104,7 @@ class Engine:
     def residual(self, layer: int, out: str, names: list[str], a: torch.Tensor, x: torch.Tensor) -> list:
         """h = x + a·W_outᵀ (+ bias), then (h ⊙ w)·Wᵀ for each next module, w the RMSNorm weight between them:
         [h, *products]. RMSNorm's other half, the scale 1/rms(h) per row, is not linear: the trusted side applies
-        it to the products (a row scale commutes with a matmul), so a decode step takes two calls per layer."""
+        it to the products (a row scale commutes with a matmul), so a plain forward takes two calls per layer."""
         m_out = self.module(layer, out)
         self.check_activation(a, m_out.in_features, f"layer {layer} {out}")
         self.check_activation(x, m_out.out_features, f"layer {layer} residual")
