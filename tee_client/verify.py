@@ -137,6 +137,7 @@ class Verifier:
         self.limb_bits: int | None = None  # the otp ring's limb width, once a ring reply was seen
         self.threads = torch.get_num_threads()  # what the checks' few compute-bound products may use
         self.checks = 0
+        self.kept_norms: tuple | None = None  # (h, its version, ‖h_i‖) of the last Residual check passed: row_norms
 
     def expect(self, spec) -> None:
         """The server's model must be the client's own copy (weights, tokenizer, dtype)."""
@@ -213,16 +214,18 @@ class Verifier:
         Modules after an RMSNorm take u = h ⊙ g from the server: Σ_m u·W_mᵀ·r_m = h·(g ⊙ v), v = Σ_m W_mᵀ·r_m, and
         ‖u_i ⊘ g‖ = ‖h_i‖ stands for the normed bound √n; the server's rounding of each u_k (at most 2⁻²⁴·|u_k|,
         independent) moves the sum by 2⁻²⁴/√3·‖u_i∘v‖ ≤ 2⁻²⁴/√3·‖h_i‖·max|g ⊙ v| (one standard deviation).
-        Ours of h·(g ⊙ v) rounds g ⊙ v as much again. One module, its output plus the residual, h = x + a·Wᵀ, is
-        checked as [a, x]·[W, I]ᵀ: inner n + m, spread ‖r∘‖[w_j, e_j]‖‖ = √(‖r∘‖w‖‖² + ‖r‖²) (|r_j| ≥ 1, so it
-        bounds our sums over x and h too); four float32 sums (the server's product, ours of a·(Wᵀr), x·r and h·r)
-        and two roundings (the product, then h)."""
+        Ours rounds g ⊙ v as much again, and r − g ⊙ v (the two checks run as one, Verifier.residual) by at most
+        2⁻²⁴·(2 + max|g ⊙ v|) per element (|r_j| < 2), moving h·(r − g ⊙ v) by 2⁻²⁴/√3·‖h_i‖ times that. One
+        module, its output plus the residual, h = x + a·Wᵀ, is checked as [a, x]·[W, I]ᵀ: inner n + m, spread
+        ‖r∘‖[w_j, e_j]‖‖ = √(‖r∘‖w‖‖² + ‖r‖²) (|r_j| ≥ 1, so it bounds our sums over x and h too); four float32 sums
+        (the server's product, ours of a·(Wᵀr), x·r and h·r) and two roundings (the product, then h)."""
         rows, inner = draw.rows, draw.v.shape[1]
         if draw.normed_spread is not None:
             rows.gated = rows.minus_v * self.norm_before(keys[0]).float()
             c = self.tolerance(1.0, inner, torch.float32)
             rows.per_norm = c * float(draw.normed_spread.norm())
-            rows.per_norm += 2 * SIGMAS * ACCUMULATE / math.sqrt(3) * float(rows.gated.abs().max())
+            largest = float(rows.gated.abs().max())  # the server's rounding of h ⊙ g, ours of g ⊙ v, of r − g ⊙ v
+            rows.per_norm += SIGMAS * ACCUMULATE / math.sqrt(3) * (2 * largest + (2 + largest))
         if len(keys) == 1:
             inner += draw.widths[0]
             c = SIGMAS * ACCUMULATE * (4 * math.sqrt(inner) + 2 / math.sqrt(3))
@@ -394,9 +397,18 @@ class Verifier:
     def residual(self, layer: int, out: str, names: list[str], a: Tensor, x: Tensor) -> Callable[[list[Tensor]], None]:
         """Residual (tsqp.engine.Engine.residual): h = x + a·W_outᵀ (+ b), then P_m = (h ⊙ g)·W_mᵀ for the modules
         that follow, g the RMSNorm weight between them; float32 only. Two checks per row, each with its own r drawn
-        for this call: h against [a, x]·[W_out, I]ᵀ (the residual as a module of its own, the identity); then, once h
-        passed, the products against h as the reply holds it (residual_terms). Before the send: −a·(W_outᵀr) − x·r
-        and the first tolerance (the norms of a and x); after the reply: h·r, then ‖h‖, h·(g ⊙ v) and P_m·r_m."""
+        for this call: h against [a, x]·[W_out, I]ᵀ (the residual as a module of its own, the identity, r), and the
+        products against h as the reply holds it (r_m; residual_terms). They are run as one: the row sum
+
+            S_i = h_i·(r − g ⊙ v) − a_i·(W_outᵀ·r) − x_i·r − β + Σ_m P_m,i·r_m,    v = Σ_m W_mᵀ·r_m,
+
+        is δ_h·r + Σ_m δ_m·r_m, δ_h the reply's error in h and δ_m its error in P_m against the reply's own h. r is
+        drawn independently of the r_m, so an error in h moves S through r whatever the r_m are, and an error in
+        the products alone moves it through the r_m: each is caught as its own check would catch it, against the
+        two tolerances added. One pass over h instead of two, one comparison instead of two. Before the send:
+        −a·(W_outᵀr) − x·r and the first tolerance (‖a_i‖, and ‖x_i‖: kept from the last check when x is the h it
+        passed, `row_norms`); after the reply: S, ‖h_i‖, the comparison. A failed S is taken apart to name what
+        failed: h, a module, or, if neither fails alone, the call."""
         label = f"Residual layer {layer}"
         after = layer + 1 if out == "down_proj" else layer
         nexts = tuple(name if name == "lm_head" else (after, name) for name in names)
@@ -406,33 +418,62 @@ class Verifier:
             raise IntegrityError(f"{label}: --verify checks a Residual reply in float32 only")
         a_tn, x_tn = a.reshape(-1, a.shape[-1]), x.reshape(-1, x.shape[-1])
         r = first.rs[0]
-        sums = torch.mv(a_tn, one.minus_v).sub_(torch.mv(x_tn, r)).sub_(one.bias_sum)
-        tolerance = torch.hypot(torch.linalg.vector_norm(a_tn, dim=1), torch.linalg.vector_norm(x_tn, dim=1))
-        tolerance.mul_(one.residual_slope).add_(one.slack + TINY)
+        sums, a_norms = torch.mv(a_tn, one.minus_v), torch.linalg.vector_norm(a_tn, dim=1)  # a's second pass: cached
+        sums.addmv_(x_tn, r, alpha=-1)
+        if one.bias_sum:
+            sums.sub_(one.bias_sum)
+        tolerance = torch.hypot(a_norms, self.row_norms(x_tn)).mul_(one.residual_slope).add_(one.slack + TINY)
+        through_h = r + many.gated  # r − g ⊙ v
         labels = [f"{label} {name}" for name in names]
 
         def check(ys: list[Tensor]) -> None:
             h, *products = fitting([f"{label} {out} (h)", *labels], [x_tn.shape[1], *second.widths], sums.shape[0], ys)
-            sums.addmv_(h, r)
-            self.checks += sums.shape[0]
-            ratio = sums / tolerance
-            if not torch.linalg.vector_norm(ratio, INF).item() <= 1:  # NaN and inf fail too
-                worst = int(torch.argmax(ratio.abs().nan_to_num(nan=INF)))
-                raise IntegrityError(
-                    f"{label} {out}: the residual stream h fails its check by {sums[worst].abs().item():.4g} "
-                    f"(tolerance {tolerance[worst].item():.3g}, row {worst}; {int((ratio.abs() > 1).sum())} of "
-                    f"{sums.numel()} checks fail)"
-                )
-            got = torch.mv(h, many.gated)
+            total, h_norms = torch.addmv(sums, h, through_h), torch.linalg.vector_norm(h, dim=1)
             for y, r_m in zip(products, second.rs, strict=True):
-                got.addmv_(y, r_m)
-            self.checks += got.shape[0]
-            bound = torch.linalg.vector_norm(h, dim=1).mul_(many.per_norm).add_(TINY)
-            if not torch.linalg.vector_norm(got.div_(bound), INF).item() <= 1:
-                u = h * self.norm_before(nexts[0]).float()  # what the server multiplied, exactly
-                self.failed_rows(labels, second, u, products, False, False)
+                total.addmv_(y, r_m)
+            self.checks += total.shape[0]
+            bound = tolerance.add(h_norms, alpha=many.per_norm)
+            if not torch.linalg.vector_norm(total / bound, INF).item() <= 1:  # NaN and inf fail too
+                failed = (label, out, labels, nexts[0], second, sums, tolerance, total, bound, r)
+                self.residual_failed(*failed, h, h_norms, products)
+            self.kept_norms = (h, h._version, h_norms) if not h.is_inference() else None
 
         return check
+
+    def row_norms(self, x_tn: Tensor) -> Tensor:
+        """‖x_i‖ per row. A Residual call's x is the h the call before returned (the residual stream goes back as
+        it came), whose norms that call's check computed and kept: those, while x is still that tensor, unchanged
+        (same memory, shape and strides, and no write since: torch's version counter); otherwise one pass."""
+        if self.kept_norms is not None:
+            h, version, norms = self.kept_norms
+            same = x_tn.data_ptr() == h.data_ptr() and x_tn.shape == h.shape and x_tn.stride() == h.stride()
+            if same and not x_tn.is_inference() and x_tn._version == version:
+                return norms
+        return torch.linalg.vector_norm(x_tn, dim=1)
+
+    def residual_failed(self, label, out, labels, key, second, sums, tolerance, total, bound, r, h, h_norms, products):
+        """A Residual call's combined check failed: its two checks apart name h or a module (key: the first, whose
+        RMSNorm weight g gives u = h ⊙ g), or, if neither fails alone, the call."""
+        alone = torch.addmv(sums, h, r)
+        ratio = alone / tolerance
+        if not torch.linalg.vector_norm(ratio, INF).item() <= 1:
+            worst = int(torch.argmax(ratio.abs().nan_to_num(nan=INF)))
+            raise IntegrityError(
+                f"{label} {out}: the residual stream h fails its check by {alone[worst].abs().item():.4g} "
+                f"(tolerance {tolerance[worst].item():.3g}, row {worst}; {int((ratio.abs() > 1).sum())} of "
+                f"{alone.numel()} checks fail)"
+            )
+        many = second.rows
+        got = torch.mv(h, many.gated)
+        for y, r_m in zip(products, second.rs, strict=True):
+            got.addmv_(y, r_m)
+        if not torch.linalg.vector_norm(got / (h_norms * many.per_norm + TINY), INF).item() <= 1:
+            self.failed_rows(labels, second, h * self.norm_before(key).float(), products, False, False)
+        worst = int(torch.argmax((total.abs() - bound).nan_to_num(nan=INF)))
+        raise IntegrityError(
+            f"{label}: h and the products fail their combined check by {total[worst].abs().item():.4g} (tolerance "
+            f"{bound[worst].item():.3g}, row {worst}); neither fails on its own"
+        )
 
     def failed_rows(self, labels, draw: Draw, x_tn: Tensor, ys: list[Tensor], biased: bool, normed: bool) -> None:
         """A combined rows check failed: name the module whose own check misses by the most (failed()), or, if no

@@ -187,6 +187,27 @@ def test_residual_replies_pass_and_a_wrong_residual_stream_or_product_fails(chec
                 verifier.check("Residual", args, [a, x], wrong)
 
 
+def test_the_next_residual_call_reuses_the_row_norms_of_the_h_a_check_passed_only_while_it_is_unchanged(checkpoints):
+    """The h a Residual check passed goes back as the next call's x; its row norms are kept (a pass less), but only
+    for that very memory, unwritten since: a copy, other rows, or a write in place get norms of their own."""
+    engine = Engine(load_checkpoint(checkpoints("gqa"), torch.float32, torch.device("cpu")))
+    verifier = Verifier(Engine(engine.ckpt))
+    x, a = activations(40, 64, torch.float32), activations(40, 64, torch.float32)
+    h, *products = engine.residual(0, "o_proj", GATE_UP, a, x)
+    verifier.check("Residual", {"layer": 0, "out": "o_proj", "names": GATE_UP}, [a, x], [h, *products])
+    kept = verifier.row_norms(h)
+    assert torch.equal(kept, torch.linalg.vector_norm(h, dim=1))
+    assert verifier.row_norms(h.view(40, 64)) is kept
+    assert verifier.row_norms(h.clone()) is not kept and verifier.row_norms(h[1:]) is not kept
+    a = activations(40, 112, torch.float32)
+    ys = engine.residual(0, "down_proj", QKV["names"], a, h)
+    verifier.check("Residual", {"layer": 0, "out": "down_proj", "names": QKV["names"]}, [a, h], ys)  # kept: passes
+    after, kept = ys[0], verifier.row_norms(ys[0])
+    after.mul_(3)
+    fresh = verifier.row_norms(after)
+    assert fresh is not kept and torch.equal(fresh, torch.linalg.vector_norm(after, dim=1))
+
+
 @pytest.mark.parametrize("ring_bits, limb_bits, width", [(50, 25, 576), (62, 31, 64), (40, 20, 1536)])
 def test_ring_arithmetic_is_exact(ring_bits, limb_bits, width):
     """U·Vᵀ mod 2^k and the block sums against Python's integers, for wide V (Wqᵀ·r) of either sign."""

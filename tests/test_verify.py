@@ -94,11 +94,11 @@ def test_honest_servers_pass_and_verify_changes_no_logit(mode, dtype, checkpoint
 
 def test_smollm2_at_512_tokens_passes_verify_on_float32_and_bfloat16(start_server, tmp_path):
     prompt = " ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 40)
-    for dtype in ("float32", "bfloat16"):
+    for dtype, calls in (("float32", 2), ("bfloat16", 4)):  # calls per layer (tee_client.model)
         server = start_server("--dtype", dtype, name=f"{dtype}.ipc")
         (tmp_path / dtype).mkdir()
         result, _ = run_prefill_cli(server.endpoint, tmp_path / dtype, [prompt], 512, 1, "--verify", "--dtype", dtype)
-        assert result["verify_checks"] >= 30 * 4 * 512  # at least one check per row of each layer's 4 calls
+        assert result["verify_checks"] >= 30 * calls * 512  # at least one check per row of each layer's calls
 
 
 def test_fault_injection_is_refused_outside_tests(checkpoints, ipc_dir):
