@@ -39,7 +39,8 @@ check. Every quantity is float32.
 
 Residual (plain mode's two calls per layer, float32): h = x + a·W_outᵀ is checked as one more product,
 [a, x]·[W_out, I]ᵀ, and the products that follow, of h ⊙ g, against h as the reply holds it, ‖h_i‖
-standing for the RMSNorm bound √n (Verifier.residual_terms has the tolerances).
+standing for the RMSNorm bound √n (Verifier.residual_terms has the tolerances); the two checks, each
+with its own r, run as one sum per row against their tolerances added (Verifier.residual).
 
 Ring (otp: LinearRing, LMHeadRing): the check is exact in Z_2^k, in blocks of 32. r_j is odd and
 uniform below 2^RING_R_BITS = 2^8 (a unit mod 2^k), so a block with one wrong element always fails.
