@@ -136,6 +136,22 @@ def test_a_server_stopping_cleanly_lets_its_client_go_at_once(checkpoints, start
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("sig, line", [(signal.SIGTERM, "terminated"), (signal.SIGINT, "interrupted")])
+def test_a_signal_stops_a_client_mid_run_with_one_line_and_gives_its_region_back(
+    checkpoints, start_server, tmp_path, sig, line
+):
+    server = start_server("--model", str(checkpoints("gqa")), "--log-level", "debug")
+    client = client_well_into_its_run(server, tmp_path)
+    client.send_signal(sig)
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == 128 + sig and err.strip() == f"tee-client: {line}", err
+    assert not (tmp_path / "l.npz").exists() and not (tmp_path / "r.json").exists()
+    deadline = time.monotonic() + 5  # the client unwound: it handed its shared-memory region back
+    while "dropped (detached)" not in server.log and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "dropped (detached)" in server.log, server.log
+
+
 def test_a_message_over_the_servers_limit_is_refused_before_it_is_sent(checkpoints, start_server, tmp_path):
     server = start_server("--model", str(checkpoints("gqa")), "--max-message-mb", "0.01")
     run = subprocess.run(

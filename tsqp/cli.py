@@ -2,14 +2,17 @@
 
 Each entry point (gpu-server, tee-client, diagnose-transport, tsqp-keygen, the benchmarks)
 calls `prefer_passive_openmp()` before anything imports torch, and runs its body through
-`run_cli`, so a user's mistake is one line and exit 1, Ctrl-C is one line and exit 130, and a
-real bug keeps its traceback.
+`run_cli`, so a user's mistake is one line and exit 1, Ctrl-C is one line and exit 130, SIGTERM
+one line and exit 143 (both unwind, so temp folders, shared memory and sockets are given back), and
+a real bug keeps its traceback.
 """
 
 import argparse
 import ctypes
 import os
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Callable
 
@@ -52,7 +55,21 @@ def keep_freed_memory() -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is (as Ctrl-C raises KeyboardInterrupt), so that every `with`
+    on the way out runs: Python's default for SIGTERM is to die on the spot, leaving a temp folder, a
+    shared-memory region the server keeps until it idles out, and no word of why."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """body(), its errors one line each. gpu-server installs its own SIGTERM handler once it starts (a clean stop
+    after the call in hand); until then, and in every other command, SIGTERM stops like Ctrl-C."""
+    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         return body()
     except TSQPError as e:
@@ -61,6 +78,12 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def timeout_arg(text: str) -> float:
