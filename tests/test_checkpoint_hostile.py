@@ -224,9 +224,32 @@ def test_a_bin_file_that_would_run_code_is_refused_unrun_and_named(folder, monke
     monkeypatch.chdir(folder)
     bin_checkpoint(folder, lambda t: t)
     assert len(load(folder).layers) == 2
-    torch.save({"lr": RunsCode()}, folder / "training_args.bin")
-    refused(folder, "training_args.bin", "could run code")
+    torch.save({"lr": RunsCode()}, folder / "extra.bin")
+    refused(folder, "extra.bin", "could run code")
     assert not (folder / "RAN").exists()
+
+
+def test_a_trainers_training_args_bin_beside_the_weights_is_left_alone_unread(folder, monkeypatch):
+    monkeypatch.chdir(folder)
+    bin_checkpoint(folder, lambda t: t)
+    torch.save({"lr": RunsCode()}, folder / "training_args.bin")  # what a Trainer's output folder holds, pickled
+    assert len(load(folder).layers) == 2
+    assert not (folder / "RAN").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_weight_holding_nan_or_inf_is_refused_and_named(folder, value):
+    name = "model.layers.1.self_attn.o_proj.weight"
+    edit_tensors(folder, lambda t: t[name].view(-1).__setitem__(7, value))
+    refused(folder, name, "NaN or inf")
+
+
+def test_a_weight_too_large_for_the_dtype_asked_for_is_refused_and_named(folder):
+    name = "model.layers.0.mlp.down_proj.weight"
+    edit_tensors(folder, lambda t: t[name].view(-1).__setitem__(3, 1e6))  # float16's largest is 65504
+    with pytest.raises(CheckpointError, match=f"{name} has values too large for float16"):
+        load_checkpoint(folder, torch.float16, CPU)
+    assert load(folder).layers[0].linears["down_proj"].weight.abs().max() == 1e6  # float32 holds it
 
 
 @pytest.mark.parametrize(
@@ -244,3 +267,11 @@ def test_a_gguf_file_transformers_cannot_read_is_one_error_and_leaves_no_staging
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(64))
     refused(tmp_path / "junk.gguf", "cannot convert", "junk.gguf")
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["loop", "nowhere"])
+def test_a_model_path_that_is_a_dangling_or_looping_symbolic_link_says_so(tmp_path, target):
+    link = tmp_path / "loop"
+    link.symlink_to(tmp_path / target)
+    with pytest.raises(CheckpointError, match=r"does not exist \(a symbolic link to nothing, or a loop of them\)"):
+        load(link)

@@ -207,7 +207,10 @@ def read_weights(folder: Path, path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot load {path}: its {index.name} names {missing[0]}, which is not there")
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
-    for f in regular_files(folder, f"*{kind}"):
+    files = regular_files(folder, f"*{kind}")
+    if kind == ".bin":  # a Trainer's output folder keeps training_args.bin (pickled settings, not weights) beside them
+        files = [f for f in files if f.name != "training_args.bin"]
+    for f in files:
         for name, t in read_tensors(f).items():
             if name in where:
                 raise CheckpointError(f"cannot load {path}: {name} is in both {where[name]} and {f.name}")
@@ -267,7 +270,12 @@ class Tensors:
             raise CheckpointError(f"cannot load {self.path}: {name} is {t.dtype}, not floating point (quantized?)")
         self.untaken.discard(key)
         # copied: safetensors maps the file, and a file rewritten in place must not change (or crash) a running model
-        return t.to(device=self.device, dtype=self.dtype, copy=True)
+        out = t.to(device=self.device, dtype=self.dtype, copy=True)
+        if not bool(torch.isfinite(out).all()):  # NaN logits later, or a --verify failure blamed on the server
+            dtype = str(self.dtype).removeprefix("torch.")
+            why = f"has values too large for {dtype}" if torch.isfinite(t).all() else "holds NaN or inf"
+            raise CheckpointError(f"cannot load {self.path}: {name} {why}")
+        return out
 
     def check_all_taken(self) -> None:
         """A tensor the config has no place for (a layer past num_hidden_layers, a bias it does not enable) would be
@@ -288,7 +296,8 @@ def resolve_folder(path: Path) -> tuple[Path, str]:
             raise CheckpointError(f"{path} has a config.json but no weight files ({', '.join(WEIGHT_PATTERNS)})")
         return path, file_digest([*(f for name in BEHAVIOUR_FILES if (f := path / name).is_file()), *weights])
     if not path.exists():
-        raise CheckpointError(f"model path {path} does not exist")
+        link = " (a symbolic link to nothing, or a loop of them)" if path.is_symlink() else ""
+        raise CheckpointError(f"model path {path} does not exist{link}")
     raise CheckpointError(f"{path} is neither a .gguf file nor a folder with config.json")
 
 
