@@ -39,8 +39,8 @@ check. Every quantity is float32.
 
 Residual (plain mode's two calls per layer, float32): h = x + a·W_outᵀ is checked as one more product,
 [a, x]·[W_out, I]ᵀ, and the products that follow, of h ⊙ g, against h as the reply holds it, ‖h_i‖
-standing for the RMSNorm bound √n (Verifier.residual_terms has the tolerances); the two checks, each
-with its own r, run as one sum per row against their tolerances added (Verifier.residual).
+standing for the RMSNorm bound √n: two checks per row, each with its own r and tolerance
+(Verifier.residual_terms derives them).
 
 Ring (otp: LinearRing, LMHeadRing): the check is exact in Z_2^k, in blocks of 32. r_j is odd and
 uniform below 2^RING_R_BITS = 2^8 (a unit mod 2^k), so a block with one wrong element always fails.
@@ -119,7 +119,7 @@ class Rows:
     # a Residual call's two checks (Verifier.residual):
     gated: Tensor | None = None  # modules after an RMSNorm, fed h ⊙ g: −g ⊙ Σ_m W_mᵀ·r_m, against the reply's h
     per_norm: float | None = None  # and their tolerance per unit of ‖h_i‖ (the server's rounding of h ⊙ g included)
-    residual_slope: float | None = None  # one module h = x + a·Wᵀ (+ b): tolerance per unit of ‖[a_i, x_i]‖
+    residual: tuple[float, float, float] | None = None  # h = x + a·Wᵀ (+ b): tolerance per ‖a_i‖, ‖x_i‖, ‖h_i‖
 
 
 class Verifier:
@@ -210,27 +210,30 @@ class Verifier:
         return Rows(-draw.v.sum(0), bias_sum, c * float(draw.spread.norm()), normed, slack)
 
     def residual_terms(self, draw: Draw, keys: tuple) -> None:
-        """What a Residual call's checks need beyond a Linear call's (Verifier.residual), made with the draw.
+        """What a Residual call's two checks need beyond a Linear call's (Verifier.residual), made with the draw.
 
         Modules after an RMSNorm take u = h ⊙ g from the server: Σ_m u·W_mᵀ·r_m = h·(g ⊙ v), v = Σ_m W_mᵀ·r_m, and
         ‖u_i ⊘ g‖ = ‖h_i‖ stands for the normed bound √n; the server's rounding of each u_k (at most 2⁻²⁴·|u_k|,
-        independent) moves the sum by 2⁻²⁴/√3·‖u_i∘v‖ ≤ 2⁻²⁴/√3·‖h_i‖·max|g ⊙ v| (one standard deviation).
-        Ours rounds g ⊙ v as much again, and r − g ⊙ v (the two checks run as one, Verifier.residual) by at most
-        2⁻²⁴·(2 + max|g ⊙ v|) per element (|r_j| < 2), moving h·(r − g ⊙ v) by 2⁻²⁴/√3·‖h_i‖ times that. One
-        module, its output plus the residual, h = x + a·Wᵀ, is checked as [a, x]·[W, I]ᵀ: inner n + m, spread
-        ‖r∘‖[w_j, e_j]‖‖ = √(‖r∘‖w‖‖² + ‖r‖²) (|r_j| ≥ 1, so it bounds our sums over x and h too); four float32 sums
-        (the server's product, ours of a·(Wᵀr), x·r and h·r) and two roundings (the product, then h)."""
+        independent) moves the sum by 2⁻²⁴/√3·‖u_i∘v‖ ≤ 2⁻²⁴/√3·‖h_i‖·max|g ⊙ v| (one standard deviation), and
+        ours of h·(g ⊙ v) rounds g ⊙ v as much again.
+
+        One module, its output plus the residual, h = x + a·Wᵀ, is checked with one r as h·r − a·(Wᵀ·r) − x·r, each
+        term bounded as a Linear check bounds its own (SIGMAS deviations; a float32 sum of k terms errs by
+        2⁻²⁴·√k times a bound of its partial sums, Cauchy–Schwarz): the server's product over n and ours of
+        a·(Wᵀr), 2·2⁻²⁴·√n·‖a_i‖·‖r∘‖w‖‖, and its rounding to float32, 2⁻²⁴/√3·‖a_i‖·‖r∘‖w‖‖; ours of x·r and of
+        h·r over the width m, 2⁻²⁴·√m·‖r‖ times ‖x_i‖ and ‖h_i‖; the server's rounding of h = x + y, at most
+        2⁻²⁴/√3·‖r∘h_i‖ ≤ 2⁻²⁴/√3·2·‖h_i‖ (|r_j| < 2). x only adds, once: it takes no part in the product's sum."""
         rows, inner = draw.rows, draw.v.shape[1]
         if draw.normed_spread is not None:
             rows.gated = rows.minus_v * self.norm_before(keys[0]).float()
             c = self.tolerance(1.0, inner, torch.float32)
             rows.per_norm = c * float(draw.normed_spread.norm())
-            largest = float(rows.gated.abs().max())  # the server's rounding of h ⊙ g, ours of g ⊙ v, of r − g ⊙ v
-            rows.per_norm += SIGMAS * ACCUMULATE / math.sqrt(3) * (2 * largest + (2 + largest))
+            rows.per_norm += 2 * SIGMAS * ACCUMULATE / math.sqrt(3) * float(rows.gated.abs().max())
         if len(keys) == 1:
-            inner += draw.widths[0]
-            c = SIGMAS * ACCUMULATE * (4 * math.sqrt(inner) + 2 / math.sqrt(3))
-            rows.residual_slope = c * math.hypot(float(draw.spread.norm()), float(draw.rs[0].norm()))
+            spread, width = float(draw.spread.norm()), draw.widths[0]
+            sums = SIGMAS * ACCUMULATE * math.sqrt(width) * float(draw.rs[0].norm())  # ours of x·r, of h·r
+            per_a = self.tolerance(1.0, inner, torch.float32) * spread
+            rows.residual = per_a, sums, sums + SIGMAS * ACCUMULATE / math.sqrt(3) * 2
 
     def float_draw(self, key) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """r for one weight, Wᵀ·r per block, ‖r∘‖w‖‖ per block, and ‖r∘‖g⊙w‖‖ (g the RMSNorm weight in front)."""
@@ -398,18 +401,12 @@ class Verifier:
     def residual(self, layer: int, out: str, names: list[str], a: Tensor, x: Tensor) -> Callable[[list[Tensor]], None]:
         """Residual (tsqp.engine.Engine.residual): h = x + a·W_outᵀ (+ b), then P_m = (h ⊙ g)·W_mᵀ for the modules
         that follow, g the RMSNorm weight between them; float32 only. Two checks per row, each with its own r drawn
-        for this call: h against [a, x]·[W_out, I]ᵀ (the residual as a module of its own, the identity, r), and the
-        products against h as the reply holds it (r_m; residual_terms). They are run as one: the row sum
-
-            S_i = h_i·(r − g ⊙ v) − a_i·(W_outᵀ·r) − x_i·r − β + Σ_m P_m,i·r_m,    v = Σ_m W_mᵀ·r_m,
-
-        is δ_h·r + Σ_m δ_m·r_m, δ_h the reply's error in h and δ_m its error in P_m against the reply's own h. r is
-        drawn independently of the r_m, so an error in h moves S through r whatever the r_m are, and an error in
-        the products alone moves it through the r_m: each is caught as its own check would catch it, against the
-        two tolerances added. One pass over h instead of two, one comparison instead of two. Before the send:
-        −a·(W_outᵀr) − x·r and the first tolerance (‖a_i‖, and ‖x_i‖: kept from the last check when x is the h it
-        passed, `row_norms`); after the reply: S, ‖h_i‖, the comparison. A failed S is taken apart to name what
-        failed: h, a module, or, if neither fails alone, the call."""
+        for this call and its own tolerance (residual_terms): h against [a, x]·[W_out, I]ᵀ (the residual as a
+        module of its own, the identity, r), and the products against h as the reply holds it (r_m). Kept apart:
+        added into one sum, the first's tolerance, which bounds a product over a's width, would widen the
+        products' several times over. Before the send: −a·(W_outᵀr) − x·r and the first tolerance's part from
+        ‖a_i‖ and ‖x_i‖ (kept from the last check when x is the h it passed: `row_norms`); after the reply: h·r,
+        h·(g ⊙ v) and ‖h_i‖, Σ_m P_m·r_m, the two comparisons."""
         label = f"Residual layer {layer}"
         after = layer + 1 if out == "down_proj" else layer
         nexts = tuple(name if name == "lm_head" else (after, name) for name in names)
@@ -418,25 +415,33 @@ class Verifier:
         if a.dtype != torch.float32 or one is None or many is None or many.gated is None:
             raise IntegrityError(f"{label}: --verify checks a Residual reply in float32 only")
         a_tn, x_tn = a.reshape(-1, a.shape[-1]), x.reshape(-1, x.shape[-1])
-        r = first.rs[0]
+        r, (per_a, per_x, per_h) = first.rs[0], one.residual
         sums, a_norms = torch.mv(a_tn, one.minus_v), torch.linalg.vector_norm(a_tn, dim=1)  # a's second pass: cached
         sums.addmv_(x_tn, r, alpha=-1)
         if one.bias_sum:
             sums.sub_(one.bias_sum)
-        tolerance = torch.hypot(a_norms, self.row_norms(x_tn)).mul_(one.residual_slope).add_(one.slack + TINY)
-        through_h = r + many.gated  # r − g ⊙ v
+        tolerance = a_norms.mul_(per_a).add_(self.row_norms(x_tn), alpha=per_x).add_(one.slack + TINY)
         labels = [f"{label} {name}" for name in names]
 
         def check(ys: list[Tensor]) -> None:
             h, *products = fitting([f"{label} {out} (h)", *labels], [x_tn.shape[1], *second.widths], sums.shape[0], ys)
-            total, h_norms = torch.addmv(sums, h, through_h), torch.linalg.vector_norm(h, dim=1)
+            h_norms = torch.linalg.vector_norm(h, dim=1)
+            alone, bound = torch.addmv(sums, h, r), tolerance.add(h_norms, alpha=per_h)
+            self.checks += 2 * sums.shape[0]
+            if not torch.linalg.vector_norm(alone / bound, INF).item() <= 1:  # NaN and inf fail too
+                ratio = (alone / bound).abs().nan_to_num(nan=INF)
+                worst = int(torch.argmax(ratio))
+                raise IntegrityError(
+                    f"{label} {out}: the residual stream h fails its check by {alone[worst].abs().item():.4g} "
+                    f"(tolerance {bound[worst].item():.3g}, row {worst}; {int((ratio > 1).sum())} of "
+                    f"{alone.numel()} checks fail)"
+                )
+            got = torch.mv(h, many.gated)  # h is in cache: this pass costs little
             for y, r_m in zip(products, second.rs, strict=True):
-                total.addmv_(y, r_m)
-            self.checks += total.shape[0]
-            bound = tolerance.add(h_norms, alpha=many.per_norm)
-            if not torch.linalg.vector_norm(total / bound, INF).item() <= 1:  # NaN and inf fail too
-                failed = (label, out, labels, nexts[0], second, sums, tolerance, total, bound, r)
-                self.residual_failed(*failed, h, h_norms, products)
+                got.addmv_(y, r_m)
+            if not torch.linalg.vector_norm(got / (h_norms * many.per_norm + TINY), INF).item() <= 1:
+                u = h * self.norm_before(nexts[0]).float()  # what the server multiplied, exactly
+                self.failed_rows(labels, second, u, products, False, False)
             self.kept_norms = (h, h._version, h_norms) if not h.is_inference() else None
 
         return check
@@ -451,30 +456,6 @@ class Verifier:
             if same and not x_tn.is_inference() and x_tn._version == version:
                 return norms
         return torch.linalg.vector_norm(x_tn, dim=1)
-
-    def residual_failed(self, label, out, labels, key, second, sums, tolerance, total, bound, r, h, h_norms, products):
-        """A Residual call's combined check failed: its two checks apart name h or a module (key: the first, whose
-        RMSNorm weight g gives u = h ⊙ g), or, if neither fails alone, the call."""
-        alone = torch.addmv(sums, h, r)
-        ratio = alone / tolerance
-        if not torch.linalg.vector_norm(ratio, INF).item() <= 1:
-            worst = int(torch.argmax(ratio.abs().nan_to_num(nan=INF)))
-            raise IntegrityError(
-                f"{label} {out}: the residual stream h fails its check by {alone[worst].abs().item():.4g} "
-                f"(tolerance {tolerance[worst].item():.3g}, row {worst}; {int((ratio.abs() > 1).sum())} of "
-                f"{alone.numel()} checks fail)"
-            )
-        many = second.rows
-        got = torch.mv(h, many.gated)
-        for y, r_m in zip(products, second.rs, strict=True):
-            got.addmv_(y, r_m)
-        if not torch.linalg.vector_norm(got / (h_norms * many.per_norm + TINY), INF).item() <= 1:
-            self.failed_rows(labels, second, h * self.norm_before(key).float(), products, False, False)
-        worst = int(torch.argmax((total.abs() - bound).nan_to_num(nan=INF)))
-        raise IntegrityError(
-            f"{label}: h and the products fail their combined check by {total[worst].abs().item():.4g} (tolerance "
-            f"{bound[worst].item():.3g}, row {worst}); neither fails on its own"
-        )
 
     def failed_rows(self, labels, draw: Draw, x_tn: Tensor, ys: list[Tensor], biased: bool, normed: bool) -> None:
         """A combined rows check failed: name the module whose own check misses by the most (failed()), or, if no

@@ -187,6 +187,33 @@ def test_residual_replies_pass_and_a_wrong_residual_stream_or_product_fails(chec
                 verifier.check("Residual", args, [a, x], wrong)
 
 
+def test_a_residual_reply_is_caught_at_a_twentieth_of_the_changed_rows_rms_in_h_and_in_every_product(checkpoints):
+    """Each of a Residual reply's checks stands on its own tolerance: one element moved by a twentieth of its row's
+    RMS fails, in h and in each product, in a typical row and in an outlier one (ten times the others' norm). The
+    RMSNorm weights are made small, so that the products are small against the residual stream, as in SmolLM2:
+    there a tolerance shared with the residual check, which grows with ‖a_i‖ and ‖x_i‖, let a product's error
+    of several tenths of its row RMS through."""
+    engine = Engine(load_checkpoint(checkpoints("gqa"), torch.float32, torch.device("cpu")))
+    for norm in engine.attention_norms + engine.ffn_norms:
+        norm.mul_(0.03)
+    verifier = Verifier(Engine(engine.ckpt))
+    x = activations(40, 64, torch.float32)
+    for args, width in (
+        ({"layer": 0, "out": "o_proj", "names": GATE_UP}, 64),
+        ({"layer": 0, "out": "down_proj", "names": QKV["names"]}, 112),
+    ):
+        a = activations(40, width, torch.float32)
+        ys = engine.residual(args["layer"], args["out"], args["names"], a, x)
+        verifier.check("Residual", args, [a, x], ys)
+        named = [f"{args['out']}: the residual stream h", *args["names"]]
+        for i, what in enumerate(named):
+            for row in (0, 5, 39):
+                wrong = [t.clone() for t in ys]
+                wrong[i][row, 11] += wrong[i][row].square().mean().sqrt() / 20
+                with pytest.raises(IntegrityError, match=f"Residual layer 0 {what}"):
+                    verifier.check("Residual", args, [a, x], wrong)
+
+
 def test_the_next_residual_call_reuses_the_row_norms_of_the_h_a_check_passed_only_while_it_is_unchanged(checkpoints):
     """The h a Residual check passed goes back as the next call's x; its row norms are kept (a pass less), but only
     for that very memory, unwritten since: a copy, other rows, or a write in place get norms of their own."""
