@@ -9,12 +9,10 @@ leaves the batch and costs nothing after.
 """
 
 import itertools
-import json
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -32,6 +30,7 @@ from tee_client.prefill import (
     prepare,
     read_prompts,
     start,
+    write_result,
 )
 from tee_client.settings import GenerateSettings
 from tee_client.stats import Stats
@@ -250,7 +249,7 @@ def result_json(settings, spec, transport, prompts, lengths, seed, run: Generati
 
 def save_result(settings: GenerateSettings, result: dict) -> None:
     if settings.tee_result_path:
-        Path(settings.tee_result_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(settings.tee_result_path, result)
 
 
 def summary(result: dict) -> str:

@@ -3,8 +3,11 @@
 import itertools
 import json
 import os
+import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -42,6 +45,28 @@ def check_writable(*paths: str | None) -> None:
             raise UsageError(f"cannot write {path}: the folder {target.parent} does not exist")
         if not os.access(target.parent, os.W_OK):
             raise UsageError(f"cannot write {path}: no write permission in {target.parent}")
+
+
+def write_whole(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` whole or not at all: into a new file beside it, renamed over it once complete, so that a run
+    stopped while writing (Ctrl-C, SIGTERM, a full disk) leaves no half-written result where a whole one belongs,
+    and no leftover. The file gets the permissions a plain open would give it (the umask's)."""
+    target = Path(path)
+    part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    try:
+        with open(part, "xb") as f:
+            write(f)
+        os.replace(part, target)
+    except BaseException as e:
+        part.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+
+
+def write_result(path: str, result: dict) -> None:
+    """The result JSON (--output), written whole."""
+    write_whole(path, lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))
 
 
 def context_length(config) -> int:
@@ -210,7 +235,7 @@ def predictions(tokenizer, prompts, input_ids, logits, lengths, full_lengths) ->
 
 def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, attention_mask) -> None:
     if settings.tee_result_path:
-        Path(settings.tee_result_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(settings.tee_result_path, result)
     if settings.save_logits:
         # --logits last: [B, 1, vocab] under its own name, with the position each row came from
         kept = (
@@ -218,7 +243,8 @@ def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, att
             if settings.logits_kept == "all"
             else {"last_logits": logits.float().numpy(), "last_positions": last_positions(attention_mask).numpy()}
         )
-        np.savez(settings.save_logits, **kept, input_ids=input_ids.numpy(), attention_mask=attention_mask.numpy())
+        ids, mask = input_ids.numpy(), attention_mask.numpy()
+        write_whole(settings.save_logits, lambda f: np.savez(f, **kept, input_ids=ids, attention_mask=mask))
 
 
 def summary(result: dict) -> str:

@@ -229,3 +229,38 @@ def test_a_config_or_tokenizer_transformers_cannot_read_is_one_error_not_a_trace
         llama_config({"model_type": "llama", "hidden_size": "wide"}, "the server's config", BadReply)
     with pytest.raises(CheckpointError, match="the tokenizer of x cannot be loaded"):
         load_tokenizer(tmp_path, "the tokenizer of x", CheckpointError)  # a folder with no tokenizer files
+
+
+def test_a_result_file_is_written_whole_or_not_at_all(tmp_path):
+    """An output stopped while it is written (Ctrl-C, SIGTERM, a full disk) leaves neither a half-written file
+    where a whole one belongs nor a leftover beside it; an earlier file of that name stays as it was."""
+    from tee_client.prefill import write_whole
+
+    target = tmp_path / "l.npz"
+
+    def stopped(f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(str(target), stopped)
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"the last run's")
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(str(target), stopped)
+    assert [p.name for p in tmp_path.iterdir()] == ["l.npz"] and target.read_bytes() == b"the last run's"
+
+    def disk_full(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UsageError, match=r"cannot write .*l\.npz: No space left on device"):
+        write_whole(str(target), disk_full)
+    write_whole(str(target), lambda f: f.write(b"whole"))
+    assert [p.name for p in tmp_path.iterdir()] == ["l.npz"] and target.read_bytes() == b"whole"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
