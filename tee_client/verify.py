@@ -379,6 +379,7 @@ class Verifier:
             tolerance = rows.normed + slack
         else:  # per row; passes when |sum_i| / tolerance_i ≤ 1 (TINY: a zero row's sum must be 0 exactly)
             tolerance = torch.linalg.vector_norm(x_tn, dim=1).mul_(rows.slope).add_(slack + TINY)
+            finite_or_fail(tolerance, labels[0])
         shapes = [(*lead, w) for w in draw.widths]
 
         def check(ys: list[Tensor]) -> None:
@@ -428,6 +429,7 @@ class Verifier:
             h_norms = torch.linalg.vector_norm(h, dim=1)
             alone, bound = torch.addmv(sums, h, r), tolerance.add(h_norms, alpha=per_h)
             self.checks += 2 * sums.shape[0]
+            finite_or_fail(bound, f"{label} {out}")  # h's norms bound the products' tolerance too
             if not torch.linalg.vector_norm(alone / bound, INF).item() <= 1:  # NaN and inf fail too
                 ratio = (alone / bound).abs().nan_to_num(nan=INF)
                 worst = int(torch.argmax(ratio))
@@ -529,6 +531,7 @@ class Verifier:
         if half:
             spread = torch.cat([p[1] for p in parts], dim=-1) if len(parts) > 1 else parts[0][1]
         tolerance = self.tolerance(bound, inner, dtype, spread)
+        finite_or_fail(tolerance, labels[0])
         if bool(((got - expected).abs_() <= tolerance).all()):  # NaN and inf fail: a reply cannot hide behind them
             return
         self.failed(labels, rs, blocks, got, expected, tolerance)
@@ -628,6 +631,15 @@ class Verifier:
             wq = fixed_weight(self.weight(key)).wq.cpu()
             self.fixed[key] = pad_rows(wq, -(-wq.shape[0] // BLOCK) * BLOCK)
         return self.fixed[key]
+
+
+def finite_or_fail(tolerance: Tensor, label: str) -> None:
+    """A tolerance must be a number. One taken from norms that overflowed float32 (a row of values past ~1e19, in
+    a reply, or in an input made from one) would be inf and let any error in its row through: such a check fails.
+    No honest activation of a float32, float16 or bfloat16 model comes near."""
+    if not bool(torch.isfinite(tolerance).all()):
+        where = (~torch.isfinite(tolerance)).nonzero()[0].tolist()
+        raise IntegrityError(f"{label}: values too large to check (a norm overflows float32 at {where})")
 
 
 def fitting(labels: list[str], widths: list[int], rows: int, ys: list[Tensor]) -> list[Tensor]:

@@ -62,6 +62,11 @@ def test_honest_linear_and_matmul_replies_pass_and_one_changed_element_fails(eng
         flat[flat.numel() // 3] = float("nan")  # a reply cannot hide behind NaN either
         with pytest.raises(IntegrityError, match=what.strip()):
             verifier.check(method, margs, sent, wrong)
+        if dtype != torch.float16:  # past float16's range; bfloat16's reaches 3e38
+            # nor behind a value whose square overflows float32: a tolerance taken from ‖r∘y‖ would be inf
+            flat[flat.numel() // 3] = 1e20
+            with pytest.raises(IntegrityError, match=what.strip()):
+                verifier.check(method, margs, sent, wrong)
 
 
 def test_ring_replies_are_checked_exactly(engines):
@@ -212,6 +217,22 @@ def test_a_residual_reply_is_caught_at_a_twentieth_of_the_changed_rows_rms_in_h_
                 wrong[i][row, 11] += wrong[i][row].square().mean().sqrt() / 20
                 with pytest.raises(IntegrityError, match=f"Residual layer 0 {what}"):
                     verifier.check("Residual", args, [a, x], wrong)
+
+
+def test_a_residual_reply_cannot_hide_behind_a_row_whose_norm_overflows(checkpoints):
+    """A row of h with one element of 1e20 has a float32 norm of inf: a tolerance taken from it would pass the row
+    and everything else in it (and, through the next call's x, the next call's row too). It fails instead."""
+    engine = Engine(load_checkpoint(checkpoints("gqa"), torch.float32, torch.device("cpu")))
+    verifier = Verifier(Engine(engine.ckpt))
+    x, a = activations(40, 64, torch.float32), activations(40, 64, torch.float32)
+    args = {"layer": 0, "out": "o_proj", "names": GATE_UP}
+    ys = engine.residual(0, "o_proj", GATE_UP, a, x)
+    for planted in ([1e20] + [0.0] * 63, [1e19] * 64):  # one huge element; or modest ones whose squares add past
+        wrong = [t.clone() for t in ys]
+        wrong[0][5] = torch.tensor(planted)
+        wrong[1][5] = torch.randn(wrong[1].shape[1]) * 1e3  # and any products
+        with pytest.raises(IntegrityError, match=r"Residual layer 0 o_proj: values too large to check .* at \[5\]"):
+            verifier.check("Residual", args, [a, x], wrong)
 
 
 def test_the_next_residual_call_reuses_the_row_norms_of_the_h_a_check_passed_only_while_it_is_unchanged(checkpoints):
