@@ -1,9 +1,11 @@
 """tee-client prefill: tokenize in the TEE, run one forward, report logits, time and stats."""
 
+import errno
 import itertools
 import json
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +40,13 @@ def read_prompts(settings: PrefillSettings) -> list[str]:
 def check_writable(*paths: str | None) -> None:
     """Fail before the prefill, not after it, when an output cannot be written."""
     for path in filter(None, paths):
-        target = Path(path)
-        if target.is_dir():
+        target = Path(os.path.realpath(path))  # where write_whole writes: through a symbolic link
+        if target.is_dir() or path.endswith(os.sep):
             raise UsageError(f"{path} is a folder; give a file name")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise UsageError(f"cannot write {path}: permission denied")
+        if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: written in place
+            continue
         if not target.parent.is_dir():
             raise UsageError(f"cannot write {path}: the folder {target.parent} does not exist")
         if not os.access(target.parent, os.W_OK):
@@ -50,18 +56,30 @@ def check_writable(*paths: str | None) -> None:
 def write_whole(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Write `path` whole or not at all: into a new file beside it, renamed over it once complete, so that a run
     stopped while writing (Ctrl-C, SIGTERM, a full disk) leaves no half-written result where a whole one belongs,
-    and no leftover. The file gets the permissions a plain open would give it (the umask's)."""
-    target = Path(path)
-    part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    and no leftover. A symbolic link is written through (its target replaced, the link kept); a file that is
+    there keeps its permissions (a new one gets the umask's); anything not a regular file (/dev/stdout, a FIFO)
+    is written in place, as a plain open would."""
+    target = Path(os.path.realpath(path))
     try:
+        if target.exists() and not target.is_file():
+            with open(target, "wb") as f:
+                write(f)
+            return
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+        part = target.with_name(f".tsqp-{secrets.token_hex(4)}.part")  # short: a long target name stays legal
         with open(part, "xb") as f:
-            write(f)
-        os.replace(part, target)
-    except BaseException as e:
-        part.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+            try:
+                if target.exists():
+                    os.chmod(f.fileno(), stat.S_IMODE(target.stat().st_mode))
+                write(f)
+                f.close()
+                os.replace(part, target)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_result(path: str, result: dict) -> None:
@@ -234,9 +252,7 @@ def predictions(tokenizer, prompts, input_ids, logits, lengths, full_lengths) ->
 
 
 def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, attention_mask) -> None:
-    if settings.tee_result_path:
-        write_result(settings.tee_result_path, result)
-    if settings.save_logits:
+    if settings.save_logits:  # first: the result JSON, written last, is the run's word that it finished
         # --logits last: [B, 1, vocab] under its own name, with the position each row came from
         kept = (
             {"logits": logits.float().numpy()}
@@ -245,6 +261,8 @@ def save_outputs(settings: PrefillSettings, result: dict, logits, input_ids, att
         )
         ids, mask = input_ids.numpy(), attention_mask.numpy()
         write_whole(settings.save_logits, lambda f: np.savez(f, **kept, input_ids=ids, attention_mask=mask))
+    if settings.tee_result_path:
+        write_result(settings.tee_result_path, result)
 
 
 def summary(result: dict) -> str:

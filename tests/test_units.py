@@ -260,6 +260,33 @@ def test_a_result_file_is_written_whole_or_not_at_all(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~current_umask()
 
 
+def test_a_result_file_goes_through_a_symlink_keeps_its_mode_and_a_fifo_is_written_in_place(tmp_path):
+    """write_whole writes where a plain open would: through a symbolic link (the link stays), over a file keeping
+    its permissions (a 0600 result stays private), into a FIFO (it stays one); a long name stays legal."""
+    import threading
+
+    from tee_client.prefill import check_writable, write_whole
+
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_bytes(b"old")
+    real.chmod(0o600)
+    link.symlink_to(real.name)
+    write_whole(str(link), lambda f: f.write(b"new"))
+    assert link.is_symlink() and real.read_bytes() == b"new" and stat.S_IMODE(real.stat().st_mode) == 0o600
+    long = tmp_path / ("a" * 250 + ".json")  # the file beside it has a short name of its own
+    write_whole(str(long), lambda f: f.write(b"x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.json", "link.json", long.name])
+    fifo, got = tmp_path / "f.json", []
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    write_whole(str(fifo), lambda f: f.write(b"through"))
+    reader.join(timeout=10)
+    assert got == [b"through"] and stat.S_ISFIFO(fifo.stat().st_mode)
+    with pytest.raises(UsageError, match="is a folder"):
+        check_writable(str(tmp_path / "sub") + "/")
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
