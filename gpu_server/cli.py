@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         Server(settings).run()
         return 0
 
-    return run_cli("gpu-server", serve)
+    return run_cli("gpu-server", serve, sigterm=False)  # Server.run installs its own
 
 
 if __name__ == "__main__":

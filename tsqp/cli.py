@@ -3,8 +3,8 @@
 Each entry point (gpu-server, tee-client, diagnose-transport, tsqp-keygen, the benchmarks)
 calls `prefer_passive_openmp()` before anything imports torch, and runs its body through
 `run_cli`, so a user's mistake is one line and exit 1, Ctrl-C is one line and exit 130, SIGTERM
-one line and exit 143 (both unwind, so temp folders, shared memory and sockets are given back), and
-a real bug keeps its traceback.
+one line and exit 143 (both unwind, so temp folders, shared memory and sockets are given back;
+gpu-server has its own SIGTERM handler), and a real bug keeps its traceback.
 """
 
 import argparse
@@ -65,10 +65,11 @@ def terminate(signum, frame):
     raise Terminated
 
 
-def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """body(), its errors one line each. gpu-server installs its own SIGTERM handler once it starts (a clean stop
-    after the call in hand); until then, and in every other command, SIGTERM stops like Ctrl-C."""
-    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+def run_cli(prog: str, body: Callable[[], int], sigterm: bool = True) -> int:
+    """body(), its errors one line each; SIGTERM stops like Ctrl-C unless `sigterm` is False (gpu-server, which
+    installs its own handler, a clean stop after the call in hand: until then SIGTERM's default ends it, for an
+    exception raised while torch imports is lost there, and the server would carry on)."""
+    main = sigterm and threading.current_thread() is threading.main_thread()  # handlers are the main thread's
     previous = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         return body()
