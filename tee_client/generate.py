@@ -22,6 +22,7 @@ from protocol.errors import UsageError
 from tee_client.model import Llama
 from tee_client.ops import make_ops
 from tee_client.prefill import (
+    check_finite,
     check_length,
     check_writable,
     context_length,
@@ -150,10 +151,15 @@ def generate(
     """Prefill right-padded prompts into a fresh cache, then decode until every row has stopped."""
     ops, batch_size = model.ops, input_ids.shape[0]
     run = Generation(streamer, [None] * batch_size)
+
+    def sample(logits):
+        check_finite(logits)
+        return sampler(logits)
+
     # prefill: the prompts' keys and values into the cache, each row's first new token
     cache = model.new_cache(batch_size, input_ids.shape[1] + max_new_tokens)
     with run.prefill.step(prepare(ops, input_ids.numel(), batch_size)):
-        tokens = sampler(model.prefill(input_ids, attention_mask, cache))
+        tokens = sample(model.prefill(input_ids, attention_mask, cache))
     rows = torch.arange(batch_size)  # which prompt each cache row belongs to
     # decode: one token per unfinished row per step
     while True:
@@ -170,7 +176,7 @@ def generate(
             cache.keep(keep)
             rows, tokens = rows[keep], tokens[keep]
         with run.decode.step(prepare(ops, len(rows))):
-            tokens = sampler(model.decode(tokens, cache))
+            tokens = sample(model.decode(tokens, cache))
 
 
 def run_generate(settings: GenerateSettings, out: TextIO | None = None) -> dict:

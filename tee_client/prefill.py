@@ -87,6 +87,15 @@ def write_result(path: str, result: dict) -> None:
     write_whole(path, lambda f: f.write(json.dumps(result, indent=2).encode() + b"\n"))
 
 
+def check_finite(logits: torch.Tensor) -> None:
+    """Logits that hold NaN or inf are no prediction: one line saying so, not a token read off them."""
+    if not bool(torch.isfinite(logits).all()):
+        raise UsageError(
+            "the model's logits hold NaN or inf (with --dtype float16, activations past 65504 overflow: "
+            "bfloat16 or float32 keep the range)"
+        )
+
+
 def context_length(config) -> int:
     """The most positions the model takes: max_position_embeddings, times the factor for dynamic NTK rope."""
     params = getattr(config, "rope_parameters", None) or {}
@@ -166,6 +175,7 @@ def run_prefill(settings: PrefillSettings) -> tuple[dict, torch.Tensor, torch.Te
         ops.close()
     seconds = [r[0] for r in runs]
     elapsed, stats, logits = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median run
+    check_finite(logits if keep == "last" else logits[attention_mask.bool()])  # the real positions'
     stats.methods.update(init_stats.methods)  # Init shows in `rpc`, outside the timed forward
     result = {
         "mode": "prefill",

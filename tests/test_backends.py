@@ -43,3 +43,30 @@ def test_in_process_backend_reports_a_bad_model_path_in_one_line(tmp_path, capsy
     assert main(["prefill", "--backend", "tee-only", "--model", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tee-client: error:") and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["prefill", "generate"])
+def test_logits_that_overflow_float16_are_one_line_not_a_token_read_off_nan(checkpoints, tmp_path, capsys, command):
+    """A weight of 65000 loads in float16 (it fits) but its products overflow: the logits come out NaN or inf. That
+    is one line and exit 1, not '<unk>' (id 0) as if it were a prediction, and no result file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tee_client.cli import main
+
+    folder = shutil.copytree(checkpoints("gqa"), tmp_path / "model")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"][0, 0] = 65000.0
+    save_file({name: t.clone() for name, t in tensors.items()}, folder / "model.safetensors")
+    out = tmp_path / "r.json"
+    args = ["--backend", "tee-only", "--model", str(folder), "--dtype", "float16", "--output", str(out)]
+    args += ["--length", "8"] if command == "prefill" else ["--max-new-tokens", "2"]
+    capsys.readouterr()  # what building the checkpoint printed
+    assert main([command, *args]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.strip() == "tee-client: error: the model's logits hold NaN or inf (with --dtype float16, "
+        "activations past 65504 overflow: bfloat16 or float32 keep the range)"
+    )
+    assert not out.exists()
