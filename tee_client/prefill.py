@@ -40,31 +40,49 @@ def read_prompts(settings: PrefillSettings) -> list[str]:
 def check_writable(*paths: str | None) -> None:
     """Fail before the prefill, not after it, when an output cannot be written."""
     for path in filter(None, paths):
-        target = Path(os.path.realpath(path))  # where write_whole writes: through a symbolic link
-        if target.is_dir() or path.endswith(os.sep):
+        if os.path.isdir(path) or path.endswith(os.sep):
             raise UsageError(f"{path} is a folder; give a file name")
-        if target.exists() and not os.access(target, os.W_OK):
+        if os.path.exists(path) and not os.access(path, os.W_OK):
             raise UsageError(f"cannot write {path}: permission denied")
-        if target.exists() and not target.is_file():  # /dev/stdout, a FIFO: written in place
+        if in_place(path):
             continue
+        target = Path(os.path.realpath(path))  # where write_whole writes: through a symbolic link
         if not target.parent.is_dir():
             raise UsageError(f"cannot write {path}: the folder {target.parent} does not exist")
         if not os.access(target.parent, os.W_OK):
             raise UsageError(f"cannot write {path}: no write permission in {target.parent}")
 
 
+def in_place(path: str) -> bool:
+    """Whether `path` is written in place, as a plain open would: a device, a FIFO or a pipe (after any links), or
+    this process's own stdout or stderr (/dev/stdout sent to a file): what a new file renamed over it would miss."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    for fd in (1, 2):
+        try:
+            if os.path.samestat(st, os.fstat(fd)):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def write_whole(path: str, write: Callable[[BinaryIO], object]) -> None:
     """Write `path` whole or not at all: into a new file beside it, renamed over it once complete, so that a run
     stopped while writing (Ctrl-C, SIGTERM, a full disk) leaves no half-written result where a whole one belongs,
     and no leftover. A symbolic link is written through (its target replaced, the link kept); a file that is
-    there keeps its permissions (a new one gets the umask's); anything not a regular file (/dev/stdout, a FIFO)
-    is written in place, as a plain open would."""
-    target = Path(os.path.realpath(path))
+    there keeps its permissions (a new one gets the umask's); `in_place` paths are written as a plain open
+    would."""
     try:
-        if target.exists() and not target.is_file():
-            with open(target, "wb") as f:
+        if in_place(path):
+            with open(path, "wb") as f:
                 write(f)
             return
+        target = Path(os.path.realpath(path))
         if target.exists() and not os.access(target, os.W_OK):
             raise PermissionError(errno.EACCES, "permission denied")
         part = target.with_name(f".tsqp-{secrets.token_hex(4)}.part")  # short: a long target name stays legal
