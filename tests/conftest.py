@@ -28,8 +28,19 @@ for _name in [n for n in os.environ if n.startswith("LLAMA_") and n not in ("LLA
     del os.environ[_name]
 
 # Every server and client the tests start makes its shared-memory regions in one private folder
-# of this session (/dev/shm/tsqp-test-…), checked empty after each test: nothing may stay behind.
-SHM_DIR = Path(tempfile.mkdtemp(prefix="tsqp-test-", dir="/dev/shm"))
+# of this session (/dev/shm/tsqp-test-PID-…), checked empty after each test: nothing may stay behind.
+# A session killed outright (SIGKILL) cannot remove its folder: the next one removes those whose
+# process is gone.
+for _stale in Path("/dev/shm").glob("tsqp-test-*-*"):
+    _pid = _stale.name.split("-")[2]
+    try:
+        if _pid.isdigit():
+            os.kill(int(_pid), 0)
+    except ProcessLookupError:
+        shutil.rmtree(_stale, ignore_errors=True)
+    except OSError:
+        pass  # another user's process, alive
+SHM_DIR = Path(tempfile.mkdtemp(prefix=f"tsqp-test-{os.getpid()}-", dir="/dev/shm"))
 os.environ["LLAMA_SHM_DIR"] = str(SHM_DIR)
 
 
