@@ -1,6 +1,5 @@
 """tee-client prefill: tokenize in the TEE, run one forward, report logits, time and stats."""
 
-import errno
 import itertools
 import json
 import os
@@ -77,14 +76,13 @@ def write_whole(path: str, write: Callable[[BinaryIO], object]) -> None:
     and no leftover. A symbolic link is written through (its target replaced, the link kept); a file that is
     there keeps its permissions (a new one gets the umask's); `in_place` paths are written as a plain open
     would."""
+    check_writable(path)  # the same rules as before the run: things may have changed since
     try:
         if in_place(path):
             with open(path, "wb") as f:
                 write(f)
             return
         target = Path(os.path.realpath(path))
-        if target.exists() and not os.access(target, os.W_OK):
-            raise PermissionError(errno.EACCES, "permission denied")
         part = target.with_name(f".tsqp-{secrets.token_hex(4)}.part")  # short: a long target name stays legal
         with open(part, "xb") as f:
             try:

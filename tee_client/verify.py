@@ -430,8 +430,9 @@ class Verifier:
             alone, bound = torch.addmv(sums, h, r), tolerance.add(h_norms, alpha=per_h)
             self.checks += 2 * sums.shape[0]
             finite_or_fail(bound, f"{label} {out}")  # h's norms bound the products' tolerance too
-            if not torch.linalg.vector_norm(alone / bound, INF).item() <= 1:  # NaN and inf fail too
-                ratio = (alone / bound).abs().nan_to_num(nan=INF)
+            ratio = alone / bound
+            if not torch.linalg.vector_norm(ratio, INF).item() <= 1:  # NaN and inf fail too
+                ratio = ratio.abs().nan_to_num(nan=INF)
                 worst = int(torch.argmax(ratio))
                 raise IntegrityError(
                     f"{label} {out}: the residual stream h fails its check by {alone[worst].abs().item():.4g} "
