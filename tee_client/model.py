@@ -70,10 +70,11 @@ class KVCache:
 
 @dataclass
 class Pass:
-    """What one forward's tokens share: RoPE tables at their positions (each (B, S, 1, 1, D); q's carry the
-    softmax scale), the additive mask over the keys they see, and, when generating, the cache and their positions."""
+    """What one forward's tokens share: RoPE tables at their positions (cos, sin for k, and q's, which carry the
+    softmax scale, stacked: (4, B, S, 1, 1, D/2)), the additive mask over the keys they see, and, when generating,
+    the cache and their positions."""
 
-    rope: tuple[Tensor, Tensor, Tensor, Tensor]
+    rope: Tensor
     mask: Tensor | None  # None: every token sees every key, or, with causal, the mask is left to the fused kernel
     causal: bool = False  # the mask is exactly causal (nothing padded)
     cache: KVCache | None = None
@@ -147,24 +148,25 @@ class Llama:
 
     def run_fused(self, input_ids: Tensor, attention_mask: Tensor | None, step: Pass, logits: str) -> Tensor:
         """`run` in two calls per layer: each Residual call returns the new residual stream and the next modules'
-        products of it, to be scaled by its 1/rms (the server applied the weight). A decode step's last one carries
+        products of it, which still owe its 1/rms (the server applied the weight): q, k and v take it in their
+        rotation (`rms_fold`), gate and up in the SiLU, the logits on their own. A decode step's last one carries
         the LMHead (unless --verify checks the logits: in blocks, on an LMHead call of their own); a prefill ends as
         `run` does, so that its logits are the same whether verified or not."""
         every = step.decoding and self.logits_in_residual
         x = self.ops.embedding(input_ids)
-        qkv = self.ops.linear(0, QKV, rms_norm(x, self.attention_norms[0], self.eps), normed=True)
+        qkv, scale = self.ops.linear(0, QKV, rms_norm(x, self.attention_norms[0], self.eps), normed=True), None
         for layer in range(self.n_layers):
             h, gate, up = self.ops.residual(
-                layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step), x
+                layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step, scale), x
             )
-            gate, up = rms_scale(h, (gate, up), self.eps)
+            gated = silu_mul(gate, up, inverse_rms(h, self.eps))
             nexts = QKV if layer + 1 < self.n_layers else ("lm_head",) if every else ()
             if not nexts:  # the LMHead on its own, as in `run`
-                x = residual(h, self.ops.linear(layer, ("down_proj",), silu_mul(gate, up))[0])
+                x = residual(h, self.ops.linear(layer, ("down_proj",), gated)[0])
                 return self.head(x, attention_mask, logits)
-            x, *qkv = self.ops.residual(layer, "down_proj", nexts, silu_mul(gate, up), h)
-            qkv = rms_scale(x, qkv, self.eps)
-        return qkv[0]  # the logits
+            x, *qkv = self.ops.residual(layer, "down_proj", nexts, gated, h)
+            scale = inverse_rms(x, self.eps)  # what q, k, v (or the logits) still owe: taken in the next attend
+        return rms_scale(qkv[0], scale)  # the logits
 
     def head(self, x: Tensor, attention_mask: Tensor | None, logits: str) -> Tensor:
         """The LMHead over the final RMSNorm: at every position, or (logits="last") at each row's last real one."""
@@ -182,14 +184,18 @@ class Llama:
         q, k, v = self.ops.linear(layer, QKV, x, normed=True)
         return self.ops.linear(layer, ("o_proj",), self.attend(layer, q, k, v, step))[0]
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, step: Pass) -> Tensor:
-        """Attention of q (B, S, H·D) over k, v (B, S, Hkv·D) and layer's cached context: (B, S, H·D) for o_proj."""
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, step: Pass, scale: Tensor | None = None) -> Tensor:
+        """Attention of q (B, S, H·D) over k, v (B, S, Hkv·D) and layer's cached context: (B, S, H·D) for o_proj.
+        `scale` (B, S, 1): the RMSNorm's 1/rms per row that q, k and v still owe (two calls per layer), or None."""
         bsz, seqlen, _ = q.shape
+        rope = step.rope
+        if scale is not None:
+            rope, v = rms_fold(rope, v, scale)
         q = q.view(bsz, seqlen, self.n_kv_heads, self.n_rep, self.head_dim)
         k = k.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
         v = v.view(bsz, seqlen, self.n_kv_heads, 1, self.head_dim)
         # RoPE (q's tables carry the softmax scale)
-        cos, sin, cos_q, sin_q = step.rope
+        cos, sin, cos_q, sin_q = rope
         q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         # grouped-query attention: each kv head serves n_rep query heads, never copied (on the
         # server, broadcast: K and V cross the wire once per kv head)
@@ -211,10 +217,10 @@ class Llama:
         gate, up = self.ops.linear(layer, ("gate_proj", "up_proj"), x, normed=True)
         return self.ops.linear(layer, ("down_proj",), silu_mul(gate, up))[0]
 
-    def rope(self, positions: Tensor, seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def rope(self, positions: Tensor, seqlens: Tensor) -> Tensor:
         cos, sin = rope_tables(self.config, positions, seqlens)
         # the softmax scale goes into the queries' rotation (D numbers per position), not into the S x S scores
-        return cos, sin, cos * self.scale, sin * self.scale
+        return torch.stack((cos, sin, cos * self.scale, sin * self.scale))
 
     def prefill_mask(self, attention_mask: Tensor) -> tuple[Tensor | None, bool]:
         """A prefill's additive mask and whether it is exactly causal (nothing padded); no mask at all when it is
@@ -234,22 +240,44 @@ def last_positions(attention_mask: Tensor) -> Tensor:
 # ---- the trusted side's non-linear steps ---------------------------------------------------
 
 
+def one_over_rms(x: Tensor, eps: float) -> Tensor:
+    """(mean(x²) + eps)^-½ per row, (…, 1): from x's norm, one pass that writes nothing (x.pow(2) is a copy of x)."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
 @tee_op("rmsnorm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return (x * one_over_rms(x, eps)).mul_(weight)
 
 
 @tee_op("rmsnorm")
-def rms_scale(x: Tensor, products: list[Tensor], eps: float) -> list[Tensor]:
-    """RMSNorm's non-linear half, after the matmul: each product of (x ⊙ weight) times 1/rms(x) per row."""
-    scale = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
-    return [y * scale for y in products]
+def inverse_rms(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm's non-linear half, owed after the matmul by each product of (x ⊙ weight): 1/rms(x) per row, (…, 1)."""
+    return one_over_rms(x, eps)
+
+
+@tee_op("rmsnorm")
+def rms_scale(product: Tensor, scale: Tensor) -> Tensor:
+    return product * scale
+
+
+@tee_op("rmsnorm")
+def rms_fold(rope: Tensor, v: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """1/rms per row (B, S, 1), owed by q, k and v: folded into the rotary tables (4, B, S, 1, 1, D/2), which RoPE
+    multiplies q and k by anyway (D/2 numbers a row instead of H·D), and applied to v."""
+    return rope * scale[..., None, None], v * scale
 
 
 @tee_op("rope")
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """x (…, D) rotated as transformers' rotate_half does, its halves x1, x2 by the tables' (…, D/2) angles: x1·cos −
+    x2·sin, x2·cos + x1·sin, written straight into one new tensor (no rotated copy, no concatenation)."""
+    half = x.shape[-1] // 2
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos))
+    x1, x2, out1, out2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
 
 
 @tee_op("softmax")
@@ -264,8 +292,12 @@ def masked_softmax(scores: Tensor, scale: float, mask: Tensor | None) -> Tensor:
 
 
 @tee_op("silu")
-def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate) * up
+def silu_mul(gate: Tensor, up: Tensor, scale: Tensor | None = None) -> Tensor:
+    """SiLU(gate)·up; with `scale` (…, 1), the RMSNorm's 1/rms per row that both still owe, SiLU(gate·scale)·up·scale.
+    In one new tensor, each step in place."""
+    if scale is None:
+        return F.silu(gate).mul_(up)
+    return F.silu(gate * scale, inplace=True).mul_(up).mul_(scale)
 
 
 @tee_op("residual")
@@ -328,14 +360,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
 
 @tee_op("rope_tables")
 def rope_tables(config, positions: Tensor, seqlens: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin (B, S, 1, 1, D) at positions (B, S), row b's frequencies those of a sequence of seqlens[b] tokens
+    """cos, sin (B, S, 1, 1, D/2) at positions (B, S), row b's frequencies those of a sequence of seqlens[b] tokens
     (only dynamic NTK depends on the length), for every rope type transformers knows."""
     tables = {int(n): rope_frequencies(config, int(n)) for n in seqlens.unique()}
     inv_freq = torch.stack([tables[int(n)][0] for n in seqlens])  # (B, D/2)
     scaling = torch.tensor([float(tables[int(n)][1]) for n in seqlens])[:, None, None, None, None]
     freqs = positions[..., None].float() * inv_freq[:, None, :]  # (B, S, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, None, :]
-    return emb.cos() * scaling, emb.sin() * scaling
+    angles = freqs[:, :, None, None, :]  # transformers' tables are these twice over, cat((freqs, freqs))
+    return angles.cos() * scaling, angles.sin() * scaling
 
 
 def rope_frequencies(config, seqlen: int) -> tuple[Tensor, float]:

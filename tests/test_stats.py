@@ -72,7 +72,7 @@ def test_stats_match_what_crossed(attention, checkpoints, start_server, tmp_path
     assert result["operation_counts"]["tee"] == {
         "rope_tables": 1,
         "mask": 1,
-        "rmsnorm": 2 * layers + 1,
+        "rmsnorm": 3 * layers,  # the first and the final; per layer 1/rms of h, of x, x's folded into the rotation
         "rope": 2 * layers,
         **({"softmax": layers} if attention == "server" else {"attention": layers}),
         "silu": layers,

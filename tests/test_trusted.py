@@ -36,13 +36,13 @@ def config(variant: str) -> LlamaConfig:
 @pytest.mark.parametrize("seqlen", [7, 48])  # 48: past every variant's original context
 def test_rope_tables_and_rotation_match_transformers(variant, seqlen):
     cfg = config(variant)
-    cos, sin = rope_tables(cfg, torch.arange(seqlen)[None], torch.tensor([seqlen]))  # (1, S, 1, 1, D)
-    cos, sin = cos[0], sin[0]  # (S, 1, 1, D)
-    head_dim = cos.shape[-1]
+    cos, sin = rope_tables(cfg, torch.arange(seqlen)[None], torch.tensor([seqlen]))  # (1, S, 1, 1, D/2)
+    cos, sin = cos[0], sin[0]  # (S, 1, 1, D/2)
+    head_dim = 2 * cos.shape[-1]
     x = torch.randn(1, seqlen, 1, 1, head_dim)
-    ref_cos, ref_sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(seqlen)[None])  # (1, S, D)
-    torch.testing.assert_close(cos[:, 0, 0], ref_cos[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sin[:, 0, 0], ref_sin[0], rtol=1e-5, atol=1e-6)
+    ref_cos, ref_sin = LlamaRotaryEmbedding(cfg)(x, torch.arange(seqlen)[None])  # (1, S, D): both halves alike
+    torch.testing.assert_close(torch.cat((cos, cos), -1)[:, 0, 0], ref_cos[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat((sin, sin), -1)[:, 0, 0], ref_sin[0], rtol=1e-5, atol=1e-6)
     q = torch.randn(1, 2, seqlen, head_dim)  # transformers' layout: (B, H, S, D)
     ref_q, _ = apply_rotary_pos_emb(q, q, ref_cos, ref_sin)
     ours = apply_rope(q.permute(0, 2, 1, 3)[:, :, :, None], cos, sin)  # ours: (B, S, H, 1, D)
