@@ -44,7 +44,8 @@ Ownership is the lockstep: from sending a request until its reply arrives the se
 areas (reads the request area, writes the reply area); from the reply until the next request
 the client owns both. A resend (Lazy Pirate) carries the same bytes from the same unchanged area.
 The client copies each reply tensor out of the reply area before anything uses it (the server
-could change it later); the server copies integer tensors (token ids, which it checks before it
+could change it later), unless the caller borrows the reply (tee_client.rpc: read where it lies,
+and done with before the next call; never a reply anything checks); the server copies integer tensors (token ids, which it checks before it
 indexes with them) out of the request area, and computes on float tensors in place.
 
 What a crash leaves behind: nothing in the folder once a region is MAPPED (both sides unlinked

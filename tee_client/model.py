@@ -153,18 +153,21 @@ class Llama:
         the LMHead (unless --verify checks the logits: in blocks, on an LMHead call of their own); a prefill ends as
         `run` does, so that its logits are the same whether verified or not."""
         every = step.decoding and self.logits_in_residual
+        # each reply borrowed (read where it crossed, Ops.call) but one whose tensors outlive the next call: x when
+        # attention's products go to the server in between, h when the last layer's down_proj goes alone
+        x_borrowed = step.decoding or not self.server_attention
         x = self.ops.embedding(input_ids)
         qkv, scale = self.ops.linear(0, QKV, rms_norm(x, self.attention_norms[0], self.eps), normed=True), None
         for layer in range(self.n_layers):
+            nexts = QKV if layer + 1 < self.n_layers else ("lm_head",) if every else ()
             h, gate, up = self.ops.residual(
-                layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step, scale), x
+                layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step, scale), x, bool(nexts)
             )
             gated = silu_mul(gate, up, inverse_rms(h, self.eps))
-            nexts = QKV if layer + 1 < self.n_layers else ("lm_head",) if every else ()
             if not nexts:  # the LMHead on its own, as in `run`
                 x = residual(h, self.ops.linear(layer, ("down_proj",), gated)[0])
                 return self.head(x, attention_mask, logits)
-            x, *qkv = self.ops.residual(layer, "down_proj", nexts, gated, h)
+            x, *qkv = self.ops.residual(layer, "down_proj", nexts, gated, h, x_borrowed)
             scale = inverse_rms(x, self.eps)  # what q, k, v (or the logits) still owe: taken in the next attend
         return rms_scale(qkv[0], scale)  # the logits
 

@@ -31,7 +31,8 @@ class Ops:
     verifier = None  # --verify: a tee_client.verify.Verifier checks every reply, as it crossed
     fuses_residuals = True  # whether `residual` may be used (a privacy mode masks each matmul on its own)
 
-    def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
+    def send(self, method: str, args: dict, tensors: list[Tensor], borrow: bool = False) -> tuple[dict, list[Tensor]]:
+        """borrow: the reply's tensors may stay where they crossed, valid until the next call (RemoteOps)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -55,13 +56,17 @@ class Ops:
             self.verifier.expect(spec)
         return spec
 
-    def call(self, method: str, args: dict, tensors: Sequence[Tensor], normed: bool = False) -> list[Tensor]:
+    def call(
+        self, method: str, args: dict, tensors: Sequence[Tensor], normed: bool = False, borrow: bool = False
+    ) -> list[Tensor]:
         """`normed`: the input's rows are the output of the RMSNorm in front of the modules called, which lets
-        --verify bound their norms without a pass over them."""
+        --verify bound their norms without a pass over them. `borrow`: the caller is done with the reply before its
+        next call, so over shared memory it may read the reply where the server wrote it instead of a copy; not
+        with --verify, whose check must see exactly what the model then uses (the server could rewrite it)."""
         sent = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
         # --verify: what its check needs of the request alone is done before the send, while that is in cache
         verify = self.verifier.timed_begin(method, args, sent, normed) if self.verifier is not None else None
-        received = self.send(method, args, sent)[1]
+        received = self.send(method, args, sent, borrow and verify is None)[1]
         if self.config is not None:  # after Init: a reply holds what its request asks for, or the run stops here
             check_reply(self.config, self.wire_dtype, method, args, sent, received)
         if verify is not None:
@@ -83,17 +88,20 @@ class Ops:
     def lm_head(self, x: Tensor, normed: bool = False) -> Tensor:
         return self.call("LMHead", {}, [x], normed)[0]
 
-    def residual(self, layer: int, out: str, names: Sequence[str], a: Tensor, x: Tensor) -> list[Tensor]:
-        """[h = x + a·W_outᵀ, then (h ⊙ w_norm)·Wᵀ for each next module] (tsqp.engine.Engine.residual)."""
-        return self.call("Residual", {"layer": layer, "out": out, "names": list(names)}, [a, x])
+    def residual(
+        self, layer: int, out: str, names: Sequence[str], a: Tensor, x: Tensor, borrow: bool = False
+    ) -> list[Tensor]:
+        """[h = x + a·W_outᵀ, then (h ⊙ w_norm)·Wᵀ for each next module] (tsqp.engine.Engine.residual); borrow:
+        see `call`."""
+        return self.call("Residual", {"layer": layer, "out": out, "names": list(names)}, [a, x], borrow=borrow)
 
 
 class RemoteOps(Ops):
     def __init__(self, rpc):
         self.rpc = rpc
 
-    def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
-        return self.rpc.call(method, args, tensors, fingerprint=self.fingerprint)
+    def send(self, method: str, args: dict, tensors: list[Tensor], borrow: bool = False) -> tuple[dict, list[Tensor]]:
+        return self.rpc.call(method, args, tensors, fingerprint=self.fingerprint, borrow=borrow)
 
     def transport(self) -> str:
         return "shm" if self.rpc.region is not None else "frames"
@@ -107,8 +115,8 @@ class LocalOps(Ops):
         self.engine = engine
         self.moves = engine.device.type != "cpu"  # tee-only moves nothing: its transfer is zero
 
-    def send(self, method: str, args: dict, tensors: list[Tensor]) -> tuple[dict, list[Tensor]]:
-        from tsqp.methods import dispatch
+    def send(self, method: str, args: dict, tensors: list[Tensor], borrow: bool = False) -> tuple[dict, list[Tensor]]:
+        from tsqp.methods import dispatch  # every result is a new tensor: nothing to borrow
 
         t0 = time.perf_counter_ns()
         inputs = [t.to(self.engine.device) for t in tensors] if self.moves else tensors

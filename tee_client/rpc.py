@@ -10,7 +10,8 @@ method is a pure function of its inputs, so a resend (the same bytes again) is a
 
 Over ipc:// (unless shared memory is off, or CURVE is on) the client maps a region it shares with
 the server (protocol.shm): tensors go into its request area instead of frames, and replies are
-copied out of its reply area into reused buffers before anyone sees them. The region is attached
+copied out of its reply area into reused buffers before anyone sees them, unless the caller borrows
+them (`call(..., borrow=True)`: views of the reply area, valid until the next call). The region is attached
 when a call first carries tensors, grown when a call needs more room, and dropped on close; if
 anything about it fails, calls go on as frames. Nothing else changes: the header is still the
 message, and the lockstep of REQ/REP says who owns the region when.
@@ -100,9 +101,18 @@ class RpcClient:
         self.connect()
 
     def call(
-        self, method: str, args: dict | None = None, tensors: Sequence[Tensor] = (), fingerprint: str | None = None
+        self,
+        method: str,
+        args: dict | None = None,
+        tensors: Sequence[Tensor] = (),
+        fingerprint: str | None = None,
+        borrow: bool = False,
     ) -> tuple[dict, list[Tensor]]:
-        """Send one request; return the reply's result and tensors, or raise the error it names."""
+        """Send one request; return the reply's result and tensors, or raise the error it names.
+
+        borrow: a reply tensor in shared memory is handed out where it lies, not copied: valid only until the next
+        call (whose reply the server writes over it), and the server could rewrite it meanwhile. For a caller that
+        is done with it by then and checks nothing about it (tee_client.ops.Ops.call)."""
         region = self.region_for(tensors) if self.shm_offer is not None and method not in SHM_METHODS else None
         t0 = time.perf_counter_ns()
         self.next_id += 1
@@ -117,7 +127,7 @@ class RpcClient:
         reply_frames, resends, waited_ns = self.exchange(method, frames)
         t2 = time.perf_counter_ns()
         try:
-            reply, out = self.decode(reply_frames, region)
+            reply, out = self.decode(reply_frames, region, borrow)
         except RegionGone:
             if region is None:
                 raise
@@ -125,7 +135,7 @@ class RpcClient:
             self.regions_lost += 1
             if self.regions_lost > MAX_REGIONS_LOST:
                 self.shm_offer = None
-            return self.call(method, args, tensors, fingerprint)
+            return self.call(method, args, tensors, fingerprint, borrow)
         t3 = time.perf_counter_ns()
         if method in ("Init", "Ping"):
             self.learn_limits(reply.result)
@@ -172,7 +182,9 @@ class RpcClient:
                 self.fail_fast_if_absent()
         return None
 
-    def decode(self, frames: list, region: "ClientRegion | None" = None) -> tuple[Reply, list[Tensor]]:
+    def decode(
+        self, frames: list, region: "ClientRegion | None" = None, borrow: bool = False
+    ) -> tuple[Reply, list[Tensor]]:
         try:
             reply = decode_header(frames[0], Reply)
         except VersionMismatch:
@@ -194,6 +206,8 @@ class RpcClient:
         framed = sum(s.nbytes for s in reply.tensors if s.shm is None)
         if framed:  # did not fit the reply area: make it large enough before the next call
             self.reply_need = max(self.reply_need, sum(aligned(s.nbytes) for s in reply.tensors))
+        if borrow:
+            return reply, out
         # the server may write the reply area again later: copy out now, into reused memory
         return reply, [t if s.shm is None else self.buffers.copy(t) for s, t in zip(reply.tensors, out, strict=True)]
 

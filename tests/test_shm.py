@@ -21,7 +21,11 @@ from protocol.endpoints import free_tcp_port
 from protocol.errors import BadRequest, BadShape
 from protocol.messages import TensorSpec
 from protocol.shm import ALIGN, MIN_AREA, NAME_RE, SEGMENT_PREFIX, create_segment, open_segment
+from tee_client.ops import RemoteOps
 from tee_client.rpc import ReplyBuffers, RpcClient
+from tee_client.verify import Verifier
+from tsqp.checkpoint import load_checkpoint
+from tsqp.engine import Engine
 from tsqp.launch import ServerProcess
 
 PROMPTS = ["The capital of France is Paris.", "Grouped query attention shares keys and values"]
@@ -152,6 +156,32 @@ def test_a_server_without_shared_memory_and_a_tcp_server_serve_frames(checkpoint
             with RpcClient(server.endpoint, timeout_s=10, shm=True) as rpc:
                 assert "shm" not in rpc.call("Ping")[0]  # not offered: frames, no error
                 assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x) and rpc.region is None
+
+
+@pytest.mark.process
+def test_a_borrowed_reply_is_read_where_it_crossed_but_never_under_verify(checkpoints, start_server):
+    """Ops.call(borrow=True) over shared memory hands out the reply area's own tensors, no copy, valid until the
+    next call's reply lands on them; with --verify every reply is copied out first, so that what was checked is
+    what the model uses (the server could rewrite the reply area in between)."""
+    folder = checkpoints("gqa")
+    server = start_server("--model", str(folder), env=SHM_ON)
+    for verify in (False, True):
+        with RpcClient(server.endpoint, timeout_s=10, shm=True) as rpc:
+            ops = RemoteOps(rpc)
+            if verify:
+                ops.verifier = Verifier(Engine(load_checkpoint(folder, torch.float32, torch.device("cpu"))))
+            c = ops.init().config
+            a, x = (torch.randn(1, 6, n) for n in (c.num_attention_heads * c.head_dim, c.hidden_size))
+            first = ops.residual(0, "o_proj", ["gate_proj", "up_proj"], a, x, borrow=True)
+            kept = [t.clone() for t in first]
+            again = ops.residual(0, "o_proj", ["gate_proj", "up_proj"], a, 2 * x, borrow=True)
+            assert rpc.region is not None
+            assert all(rpc.region.reply.holds(t) for t in first) == (not verify)
+            if verify:  # copies: still what their reply held
+                assert all(torch.equal(t, k) for t, k in zip(first, kept, strict=True))
+            else:  # the reply area itself: the next reply wrote over it
+                assert torch.equal(first[0], again[0]) and not torch.equal(first[0], kept[0])
+            assert not rpc.region.reply.holds(ops.linear(0, ["q_proj"], x)[0])  # not borrowed: a copy, always
 
 
 def start_client(endpoint: str, out, *extra: str) -> subprocess.Popen:
