@@ -19,9 +19,11 @@ Layout of one region (one file, one client, created by the server, unlinked once
     A tensor lies at `offset` from the start of its area, a multiple of ALIGN, and spans
     nbytes = prod(shape) * itemsize, C-contiguous, little-endian: the same bytes as its frame would
     be. Writers place tensors one after another; a tensor that does not fit (or is empty) crosses
-    as a frame, in order, as before. The reader trusts nothing but its own arithmetic: it computes
-    nbytes from dtype and shape, and checks alignment and offset + nbytes <= its area's size before
-    it makes a view (`Area.view`). Nothing about the layout is ever read from the memory itself.
+    as a frame, in order, as before. The client may also reserve a tensor at the top of its request
+    area for its next message, compute into it and send it where it lies (`Area.reserve`). The
+    reader trusts nothing but its own arithmetic: it computes nbytes from dtype and shape, and
+    checks alignment and offset + nbytes <= its area's size before it makes a view (`Area.view`).
+    Nothing about the layout is ever read from the memory itself.
 
 Handshake and state machine (server side; the client's steps in brackets):
 
@@ -45,8 +47,9 @@ areas (reads the request area, writes the reply area); from the reply until the 
 the client owns both. A resend (Lazy Pirate) carries the same bytes from the same unchanged area.
 The client copies each reply tensor out of the reply area before anything uses it (the server
 could change it later), unless the caller borrows the reply (tee_client.rpc: read where it lies,
-and done with before the next call; never a reply anything checks); the server copies integer tensors (token ids, which it checks before it
-indexes with them) out of the request area, and computes on float tensors in place.
+and done with before the next call; never a reply anything checks); the server copies integer
+tensors (token ids, which it checks before it indexes with them) out of the request area, and
+computes on float tensors in place.
 
 What a crash leaves behind: nothing in the folder once a region is MAPPED (both sides unlinked
 it). The file exists only between LINKED and the client's open, microseconds; if the client dies
@@ -87,6 +90,13 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel * dtype.itemsize
+
+
 def area_size(need: int, cap: int) -> int:
     """The area a client asks for to hold `need` bytes: a power of two from MIN_AREA, at most `cap`."""
     size = MIN_AREA
@@ -106,6 +116,8 @@ class Area:
         self.size = size
         self.base = self.bytes.data_ptr()
         self.used = 0  # the writer's next free byte in this message
+        self.limit = size  # the end of what `take` may hand out in this message: below what was reserved for it
+        self.reserved = 0  # bytes at the top set aside for the next message (`reserve`)
         self.typed: dict[torch.dtype, torch.Tensor] = {}  # the whole mapping viewed as each dtype, made on first use
 
     def at(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -122,20 +134,28 @@ class Area:
         return self.typed[dtype].as_strided(shape, strides[::-1], (self.start + offset) // dtype.itemsize)
 
     def reset(self) -> "Area":
-        """Start a new message: the whole area is free again (the peer is done with the last one)."""
-        self.used = 0
+        """Start a new message: the whole area is free again (the peer is done with the last one), but for what was
+        reserved for this message at its top; the message after it starts with nothing reserved."""
+        self.used, self.limit, self.reserved = 0, self.size - self.reserved, 0
         return self
 
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """A tensor at the next aligned offset, or None when it does not fit (or is empty)."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
+        nbytes = _nbytes(shape, dtype)
         offset = aligned(self.used)
-        if nbytes == 0 or offset + nbytes > self.size:
+        if nbytes == 0 or offset + nbytes > self.limit:
             return None
         self.used = offset + nbytes
+        return self.at(offset, shape, dtype)
+
+    def reserve(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor set aside at the top of the area for the next message, or None when it does not fit: the writer
+        computes into it and sends it in that message, where `place` finds it already in place (no copy)."""
+        nbytes = _nbytes(shape, dtype)
+        offset = (self.size - self.reserved - nbytes) // ALIGN * ALIGN
+        if nbytes == 0 or offset < 0:
+            return None
+        self.reserved = self.size - offset
         return self.at(offset, shape, dtype)
 
     def place(self, t: torch.Tensor) -> list[int] | None:

@@ -163,7 +163,7 @@ class Llama:
             h, gate, up = self.ops.residual(
                 layer, "o_proj", ("gate_proj", "up_proj"), self.attend(layer, *qkv, step, scale), x, bool(nexts)
             )
-            gated = silu_mul(gate, up, inverse_rms(h, self.eps))
+            gated = silu_mul(gate, up, inverse_rms(h, self.eps), self.ops.request_buffer(gate.shape))
             if not nexts:  # the LMHead on its own, as in `run`
                 x = residual(h, self.ops.linear(layer, ("down_proj",), gated)[0])
                 return self.head(x, attention_mask, logits)
@@ -295,12 +295,12 @@ def masked_softmax(scores: Tensor, scale: float, mask: Tensor | None) -> Tensor:
 
 
 @tee_op("silu")
-def silu_mul(gate: Tensor, up: Tensor, scale: Tensor | None = None) -> Tensor:
+def silu_mul(gate: Tensor, up: Tensor, scale: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """SiLU(gate)·up; with `scale` (…, 1), the RMSNorm's 1/rms per row that both still owe, SiLU(gate·scale)·up·scale.
-    In one new tensor, each step in place."""
+    In one tensor, `out` or a new one, each step in place."""
     if scale is None:
-        return F.silu(gate).mul_(up)
-    return F.silu(gate * scale, inplace=True).mul_(up).mul_(scale)
+        return (F.silu(gate) if out is None else F.silu(out.copy_(gate), inplace=True)).mul_(up)
+    return F.silu(torch.mul(gate, scale, out=out), inplace=True).mul_(up).mul_(scale)
 
 
 @tee_op("residual")

@@ -49,6 +49,12 @@ class Ops:
         if self.verifier is not None:
             self.verifier.prepare()  # --verify: the next forward's secret r and Wᵀ·r, drawn ahead
 
+    def request_buffer(self, shape) -> Tensor | None:
+        """Where the next call's float32 input may be computed so that it crosses with no copy (RemoteOps over shared
+        memory), or None: compute it anywhere. Not with --verify (the check reads inputs where the server could
+        write), nor when floats cross in another dtype (a cast copies anyway)."""
+        return None
+
     def init(self) -> ModelSpec:
         spec = ModelSpec.from_init(*self.send("Init", {}, []))
         self.wire_dtype, self.fingerprint, self.config = spec.dtype, spec.fingerprint, spec.config
@@ -102,6 +108,11 @@ class RemoteOps(Ops):
 
     def send(self, method: str, args: dict, tensors: list[Tensor], borrow: bool = False) -> tuple[dict, list[Tensor]]:
         return self.rpc.call(method, args, tensors, fingerprint=self.fingerprint, borrow=borrow)
+
+    def request_buffer(self, shape) -> Tensor | None:
+        if self.verifier is not None or self.wire_dtype != torch.float32:
+            return None
+        return self.rpc.reserve(shape, torch.float32)
 
     def transport(self) -> str:
         return "shm" if self.rpc.region is not None else "frames"

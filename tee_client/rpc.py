@@ -223,6 +223,12 @@ class RpcClient:
             except BadRequest:
                 self.shm_wanted = False  # a server we do not understand: frames
 
+    def reserve(self, shape, dtype: torch.dtype) -> Tensor | None:
+        """A tensor in the request area for the next call to send where it lies, not copied at the send: the caller
+        computes into it, then passes it in that call's tensors. None without a region or room (compute elsewhere:
+        the call copies it as ever); valid for the next call only."""
+        return self.region.request.reserve(shape, dtype) if self.region is not None else None
+
     def region_for(self, tensors: Sequence[Tensor]) -> "ClientRegion | None":
         """The region to use for this call: attached, or grown, when these tensors or the last reply need it."""
         region = self.region

@@ -97,6 +97,23 @@ def test_areas_place_tensors_aligned_and_views_check_every_offset():
             request.view(TensorSpec(dtype="float32", shape=[1], shm=lie))
 
 
+def test_a_reserved_tensor_crosses_where_it_lies_and_nothing_else_is_placed_over_it():
+    segment = create_segment(str(SHM_DIR), MiB)
+    segment.unlink()
+    request, _ = segment.areas(MiB // 2)
+    kept = request.reserve([1000], torch.float32)  # at the top, for the next message only
+    kept.copy_(torch.arange(1000.0))
+    request.reset()
+    big = torch.randn(MiB // 8 - 512)  # fits the area, not the area less what was reserved
+    assert request.place(torch.ones(16)) == [0, 64] and request.place(big) is None  # a frame, not over `kept`
+    at = request.place(kept)
+    assert at == [kept.data_ptr() - request.base, 4000] and at[0] + at[1] <= MiB // 2  # no copy: where it lies
+    assert torch.equal(kept, torch.arange(1000.0))
+    request.reset()  # the message after: nothing reserved any more
+    assert request.place(big) == [0, big.nbytes]
+    assert request.reserve([MiB], torch.float32) is None  # larger than the area: compute it elsewhere
+
+
 def test_a_mapping_outlives_its_segment_while_a_tensor_views_it():
     segment = create_segment(str(SHM_DIR), MiB)
     segment.unlink()
