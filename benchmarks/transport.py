@@ -1,12 +1,13 @@
 """IPC vs TCP, frames vs shared memory: round trip and throughput from 0 B to 64 MiB, raw pyzmq beside the protocol.
 
-Five lines on one log-log plot: raw REQ/REP echo over ipc and over tcp://127.0.0.1, and the
+Six lines on one log-log plot: raw REQ/REP echo over ipc and over tcp://127.0.0.1, and the
 service's own Echo over ipc with tensors as ZeroMQ frames, over ipc through shared memory
-(protocol.shm), and over tcp. Every line crosses a process boundary: raw into a zmq-only echo
-process, protocol into a real gpu-server. All run at once and each size is timed in five rounds
-that visit them in turn (3 warm-up round trips each time), over 5 to 300 repetitions in all,
-bounded by the bytes moved; medians and p99 are reported, and ratios compare numbers from the
-same rounds.
+(protocol.shm) with the reply copied out, as every reply under --verify, and borrowed (read
+where it crossed, as a plain forward's Residual replies), and over tcp. Every line crosses a
+process boundary: raw into a zmq-only echo process, protocol into a real gpu-server. All run at
+once and each size is timed in five rounds that visit them in turn (3 warm-up round trips each
+time), over 5 to 300 repetitions in all, bounded by the bytes moved; medians and p99 are
+reported, and ratios compare numbers from the same rounds.
 """
 
 import sys
@@ -44,7 +45,9 @@ def measure(tmp: str, sizes: list[int], rounds: int = 5) -> dict:
         }
         for client in rpc.values():
             client.call("Ping")  # the shm client learns the offer; its first tensor attaches a region
-        series = {name: [] for name in ("ipc raw", "ipc frames", "ipc shm", "tcp raw", "tcp frames")}
+        rpc["ipc shm, borrowed"] = rpc["ipc shm"]  # the same client, the reply read in the reply area
+        names = ("ipc raw", "ipc frames", "ipc shm", "ipc shm, borrowed", "tcp raw", "tcp frames")
+        series = {name: [] for name in names}
         for size in sizes:
             n = max(1, probe.repetitions(size) // rounds)
             samples = {name: [] for name in series}
@@ -53,7 +56,7 @@ def measure(tmp: str, sizes: list[int], rounds: int = 5) -> dict:
                     if name.endswith("raw"):
                         samples[name] += probe.time_raw(raw[name.split()[0]], size, n)
                     else:
-                        samples[name] += probe.time_protocol(rpc[name], size, n)
+                        samples[name] += probe.time_protocol(rpc[name], size, n, borrow=name.endswith("borrowed"))
             for name, got in samples.items():
                 summary = probe.spread(got) if name.endswith("raw") else probe.summarize_calls(got)
                 series[name].append({"size": size, **summary})
@@ -86,18 +89,19 @@ def plot(series: dict):
     return fig
 
 
-PROTOCOL = ("ipc frames", "ipc shm", "tcp frames")
+PROTOCOL = ("ipc frames", "ipc shm", "ipc shm, borrowed", "tcp frames")
+SHM = ("ipc shm", "ipc shm, borrowed")
 
 
 def table(series: dict) -> str:
     names = list(series)
     header = ["payload"] + [f"{n} p50 ms (p99)" for n in names] + [f"{n} GB/s" for n in PROTOCOL]
-    header.append("shm vs frames")
+    header += [f"{n} vs frames" for n in SHM]
     rows = []
     for i, size in enumerate(r["size"] for r in series[names[0]]):
         row = [human(size)] + [f"{series[n][i]['median_ms']:.3f} ({series[n][i]['p99_ms']:.3f})" for n in names]
         row += [f"{probe.gbps(size, series[n][i]['median_ms'] / 1e3):.2f}" for n in PROTOCOL]
-        row.append(f"{series['ipc frames'][i]['median_ms'] / series['ipc shm'][i]['median_ms']:.1f}x")
+        row += [f"{series['ipc frames'][i]['median_ms'] / series[n][i]['median_ms']:.1f}x" for n in SHM]
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -111,8 +115,10 @@ def notes(series: dict) -> list[str]:
         f"raw zmq {empty['ipc raw']:.3f} ms: {empty['ipc frames'] / empty['ipc raw']:.2f}x "
         f"({empty['ipc shm'] / empty['ipc raw']:.2f}x)",
         f"{human(largest['ipc shm']['size'])} Echo over ipc: {largest['ipc frames']['median_ms']:.1f} ms as frames, "
-        f"{largest['ipc shm']['median_ms']:.1f} ms through shared memory: "
-        f"{largest['ipc frames']['median_ms'] / largest['ipc shm']['median_ms']:.1f}x faster",
+        f"{largest['ipc shm']['median_ms']:.1f} ms through shared memory copied out "
+        f"({largest['ipc frames']['median_ms'] / largest['ipc shm']['median_ms']:.1f}x faster), "
+        f"{largest['ipc shm, borrowed']['median_ms']:.1f} ms borrowed "
+        f"({largest['ipc frames']['median_ms'] / largest['ipc shm, borrowed']['median_ms']:.1f}x faster)",
     ]
 
 

@@ -114,15 +114,16 @@ def time_raw(url: str, size: int, n: int, warmup: int | None = None, timeout_ms:
 # ---- the service's own protocol --------------------------------------------------------------
 
 
-def time_protocol(rpc: RpcClient, size: int, n: int, warmup: int | None = None) -> list[Call]:
-    """`n` Echo round trips of one `size`-byte tensor (none for size 0: a bare call)."""
+def time_protocol(rpc: RpcClient, size: int, n: int, warmup: int | None = None, borrow: bool = False) -> list[Call]:
+    """`n` Echo round trips of one `size`-byte tensor (none for size 0: a bare call); borrow: the reply read where
+    it crossed, as a plain forward reads its Residual replies (RpcClient.call)."""
     tensors = [torch.randn(size // 4)] if size else []
     for _ in range(warmups(n) if warmup is None else warmup):
-        rpc.call("Echo", {}, tensors)
+        rpc.call("Echo", {}, tensors, borrow=borrow)
     stats = Stats()
     with stats.recording():
         for _ in range(n):
-            rpc.call("Echo", {}, tensors)
+            rpc.call("Echo", {}, tensors, borrow=borrow)
     return stats.methods["Echo"].calls
 
 
