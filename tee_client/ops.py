@@ -51,8 +51,8 @@ class Ops:
 
     def request_buffer(self, shape) -> Tensor | None:
         """Where the next call's float32 input may be computed so that it crosses with no copy (RemoteOps over shared
-        memory), or None: compute it anywhere. Also with --verify: its check reads a request before the send, while
-        the server cannot touch it yet. Not when floats cross in another dtype (a cast copies anyway)."""
+        memory), or None: compute it anywhere. Not with --verify (the check reads inputs where the server could
+        write), nor when floats cross in another dtype (a cast copies anyway)."""
         return None
 
     def init(self) -> ModelSpec:
@@ -110,7 +110,9 @@ class RemoteOps(Ops):
         return self.rpc.call(method, args, tensors, fingerprint=self.fingerprint, borrow=borrow)
 
     def request_buffer(self, shape) -> Tensor | None:
-        return self.rpc.reserve(shape, torch.float32) if self.wire_dtype == torch.float32 else None
+        if self.verifier is not None or self.wire_dtype != torch.float32:
+            return None
+        return self.rpc.reserve(shape, torch.float32)
 
     def transport(self) -> str:
         return "shm" if self.rpc.region is not None else "frames"
