@@ -43,9 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--inject-fault",
-        metavar="METHOD:N[:shape]",
+        metavar="METHOD:N[:shape|:slow]",
         help="tests only, refused unless TSQP_TESTING=1: the N-th reply of METHOD comes back wrong "
-        "(what tee-client --verify must catch), or with :shape one column short (what every tee-client refuses)",
+        "(what tee-client --verify must catch), with :shape one column short (what every tee-client refuses), "
+        "with :slow right but 1.5 s late (what makes a client resend)",
     )
     p.add_argument(
         "--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level (default INFO)"

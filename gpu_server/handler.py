@@ -123,23 +123,27 @@ class Handler:
 
 
 class Fault:
-    """`--inject-fault METHOD:N[:shape]` (tests only): the N-th reply of METHOD comes back wrong.
+    """`--inject-fault METHOD:N[:shape|:slow]` (tests only): the N-th reply of METHOD comes back wrong.
 
     One element of its first tensor moves by the tensor's RMS (a typical activation), or by a
     quarter of the ring for ring elements; everything else is the honest result. What `--verify`
     must catch. With `:shape`, the first tensor comes back one column short instead: what every
-    client must refuse in one line (tee_client.ops.check_reply), --verify or not.
+    client must refuse in one line (tee_client.ops.check_reply), --verify or not. With `:slow`, the
+    reply is right but held SLOW_S seconds once computed (in the reply area already): a client with
+    a shorter deadline resends, and its resend must carry what it first sent.
     """
 
     ENV = "TSQP_TESTING"  # the switch is refused unless this is set to 1
+    SLOW_S = 1.5
 
     def __init__(self, spec: str):
         method, count, *kind = spec.split(":")
-        if not method or not count.isdigit() or int(count) < 1 or kind not in ([], ["shape"]):
+        if not method or not count.isdigit() or int(count) < 1 or kind not in ([], ["shape"], ["slow"]):
             raise UsageError(
-                f"--inject-fault {spec!r}: expected METHOD:N or METHOD:N:shape, e.g. Linear:3 (N counts from 1)"
+                f"--inject-fault {spec!r}: expected METHOD:N, METHOD:N:shape or METHOD:N:slow, e.g. Linear:3 "
+                "(N counts from 1)"
             )
-        self.method, self.n, self.seen, self.shape = method, int(count), 0, kind == ["shape"]
+        self.method, self.n, self.seen, self.kind = method, int(count), 0, kind[0] if kind else None
 
     def apply(self, method: str, out: list) -> list:
         if method != self.method:
@@ -147,7 +151,11 @@ class Fault:
         self.seen += 1
         if self.seen != self.n or not out or out[0].numel() == 0:
             return out
-        if self.shape:
+        if self.kind == "slow":
+            log.warning("holding %s reply %d for %.1f s (testing)", method, self.n, self.SLOW_S)
+            time.sleep(self.SLOW_S)
+            return out
+        if self.kind == "shape":
             log.warning("injected a short %s reply %d (testing)", method, self.n)
             return [out[0][..., :-1].contiguous(), *out[1:]]
         wrong = out[0].clone()

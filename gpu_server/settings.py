@@ -15,7 +15,7 @@ class ServerSettings(ModelSettings, TransportSettings):
     curve_authorized_keys: str | None = Field(None, description="folder of the client public keys admitted")
     log_level: LogLevel = Field("INFO", description="the server log's level")
     record_dir: str | None = Field(None, description="save every request's tensors here (audits, tests)")
-    inject_fault: str | None = Field(None, description="METHOD:N[:shape], tests only: reply N of METHOD is wrong")
+    inject_fault: str | None = Field(None, description="METHOD:N[:shape|:slow], tests only: reply N of METHOD is wrong")
 
     @model_validator(mode="after")
     def curve_pair(self) -> "ServerSettings":

@@ -40,11 +40,15 @@ Handshake and state machine (server side; the client's steps in brackets):
                   IDLE_S, evicted (MAX_REGIONS), or the server stopping: unlinked if still linked,
                   unmapped once no tensor views it
     A LINKED region whose client never came back is unlinked after LINK_GRACE_S. A request naming
-    an unknown region gets RegionGone; the client attaches afresh (or falls back) and resends.
+    an unknown region gets RegionGone; the client attaches afresh (or falls back) and resends what
+    it sent (from its old request area and frames: the caller's tensors may have changed since).
 
 Ownership is the lockstep: from sending a request until its reply arrives the server owns both
 areas (reads the request area, writes the reply area); from the reply until the next request
-the client owns both. A resend (Lazy Pirate) carries the same bytes from the same unchanged area.
+the client owns both. That binds an honest peer only: a hostile server can write any byte of the
+region at any moment, so what the client checks (--verify) never lies in it, either way. A resend
+(Lazy Pirate) carries the same bytes from the same unchanged area, and a tensor frame that would view
+the reply area (a borrowed reply sent back) crosses as a copy.
 The client copies each reply tensor out of the reply area before anything uses it (the server
 could change it later), unless the caller borrows the reply (tee_client.rpc: read where it lies,
 and done with before the next call; never a reply anything checks); the server copies integer

@@ -51,8 +51,8 @@ class Ops:
 
     def request_buffer(self, shape) -> Tensor | None:
         """Where the next call's float32 input may be computed so that it crosses with no copy (RemoteOps over shared
-        memory), or None: compute it anywhere. Not with --verify (the check reads inputs where the server could
-        write), nor when floats cross in another dtype (a cast copies anyway)."""
+        memory), or None: compute it anywhere. Not with --verify: what its check reads must lie in private memory
+        (the server can write the region at any moment), nor when floats cross in another dtype (a cast copies)."""
         return None
 
     def init(self) -> ModelSpec:

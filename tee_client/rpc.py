@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import zmq
 from torch import Tensor
@@ -39,7 +40,7 @@ from protocol.errors import (
     VersionMismatch,
     from_reply,
 )
-from protocol.messages import Reply, ShmOffer, ShmRegion, parse
+from protocol.messages import Reply, Request, ShmOffer, ShmRegion, parse
 from protocol.shm import MIN_AREA, Area, aligned, area_size, open_segment
 from protocol.wire import (
     PROTOCOL_VERSION,
@@ -122,6 +123,8 @@ class RpcClient:
         if region is not None:
             header["shm"] = region.name
         frames = pack(header, tensors, region and region.request.reset())
+        if region is not None:
+            frames = own_frames(frames, region.reply)
         self.check_size(method, frames)
         t1 = time.perf_counter_ns()
         reply_frames, resends, waited_ns = self.exchange(method, frames)
@@ -135,7 +138,8 @@ class RpcClient:
             self.regions_lost += 1
             if self.regions_lost > MAX_REGIONS_LOST:
                 self.shm_offer = None
-            return self.call(method, args, tensors, fingerprint, borrow)
+            # what this attempt sent, not `tensors`: a borrowed one lies where the server may have written since
+            return self.call(method, args, sent_tensors(frames, region), fingerprint, borrow)
         t3 = time.perf_counter_ns()
         if method in ("Init", "Ping"):
             self.learn_limits(reply.result)
@@ -346,6 +350,23 @@ class RpcClient:
 
 
 SHM_METHODS = ("ShmAttach", "ShmDetach")  # they set shared memory up: never sent through it
+
+
+def own_frames(frames: list, reply: Area) -> list:
+    """`frames`, each tensor frame that views the reply area (a borrowed reply tensor sent back that did not fit the
+    request area) replaced by a copy: the server writes its next reply there, and a resend must carry what this
+    attempt did. A tensor placed in the request area was copied there already."""
+    out = frames[:1]
+    for frame in frames[1:]:
+        view = np.frombuffer(frame, dtype=np.uint8)
+        start = view.ctypes.data - reply.base
+        out.append(view.copy() if -view.nbytes < start < reply.size else frame)
+    return out
+
+
+def sent_tensors(frames: list, region: "ClientRegion") -> list[Tensor]:
+    """The tensors a request sent, as its frames and its request area hold them: what a resend must carry."""
+    return unpack_tensors(decode_header(frames[0], Request).tensors, frames[1:], region.request)
 
 
 @dataclass(eq=False)

@@ -22,7 +22,8 @@ from protocol.errors import BadRequest, BadShape
 from protocol.messages import TensorSpec
 from protocol.shm import ALIGN, MIN_AREA, NAME_RE, SEGMENT_PREFIX, create_segment, open_segment
 from tee_client.ops import RemoteOps
-from tee_client.rpc import ReplyBuffers, RpcClient
+from protocol.wire import PROTOCOL_VERSION, pack
+from tee_client.rpc import ClientRegion, ReplyBuffers, RpcClient, own_frames, sent_tensors
 from tee_client.verify import Verifier
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
@@ -114,6 +115,24 @@ def test_a_reserved_tensor_crosses_where_it_lies_and_nothing_else_is_placed_over
     assert request.reserve([MiB], torch.float32) is None  # larger than the area: compute it elsewhere
 
 
+def test_a_request_never_carries_borrowed_memory_and_a_resend_carries_what_was_sent():
+    """A borrowed reply tensor sent back (the residual stream) crosses as a copy: placed in the request area, or, if
+    it does not fit there, framed from a copy of its own; the server writes its next reply over the original, and
+    a resend (Lazy Pirate, or RegionGone's to a new region) must carry what the first attempt did."""
+    segment = create_segment(str(SHM_DIR), MiB)
+    segment.unlink()
+    request, reply = segment.areas(MiB // 4)
+    region = ClientRegion(segment.name, request, reply)
+    small, large = reply.take([1000], torch.float32), reply.take([75_000], torch.float32)  # "borrowed"
+    small.copy_(torch.arange(1000.0))
+    large.copy_(torch.arange(float(large.numel())))
+    before = (small.clone(), large.clone())
+    frames = own_frames(pack({"v": PROTOCOL_VERSION, "id": 1, "method": "Echo"}, [small, large], request), reply)
+    assert len(frames) == 2  # `small` was placed in the request area, `large` did not fit: a frame
+    reply.bytes.fill_(7)  # the server's next reply lands where both lay
+    assert all(torch.equal(t, b) for t, b in zip(sent_tensors(frames, region), before, strict=True))
+
+
 def test_a_mapping_outlives_its_segment_while_a_tensor_views_it():
     segment = create_segment(str(SHM_DIR), MiB)
     segment.unlink()
@@ -165,6 +184,22 @@ def test_prefill_through_shared_memory_and_as_frames_give_transformers_logits(
 
 
 @pytest.mark.process
+def test_a_resend_after_a_late_reply_carries_the_residual_stream_as_first_sent(
+    checkpoints, start_server, tmp_path, monkeypatch
+):
+    """A request area too small for both of a Residual call's inputs sends the borrowed residual stream h as a frame;
+    a server slow past the client's deadline has already written its reply over the memory h lay in. The resend
+    must carry h as it was first sent (a copy), not what lies there now: the logits stay transformers'."""
+    monkeypatch.setenv("LLAMA_SHM", "1")
+    folder = checkpoints("gqa")  # hidden 64, MLP 112: at 2 x 50 tokens the SiLU product (44.8 kB) fits, h (25.6 kB) not
+    late = ("--inject-fault", "Residual:2:slow", "--max-message-mb", "0.05")
+    server = start_server("--model", str(folder), *late, env={**SHM_ON, "TSQP_TESTING": "1"})
+    result, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, 50, 2, "--timeout", "1")
+    assert result["transport"] == "shm" and result["rpc"]["Residual"]["retries"] == 1  # the late reply was resent
+    assert max_error(out, reference_logits(folder, out["input_ids"], out["attention_mask"])) <= 1e-4
+
+
+@pytest.mark.process
 def test_a_server_without_shared_memory_and_a_tcp_server_serve_frames(checkpoints, start_server):
     folder, x = checkpoints("gqa"), torch.randn(3, MiB)
     off = start_server("--model", str(folder), "--no-shm")
@@ -178,8 +213,8 @@ def test_a_server_without_shared_memory_and_a_tcp_server_serve_frames(checkpoint
 @pytest.mark.process
 def test_a_borrowed_reply_is_read_where_it_crossed_but_never_under_verify(checkpoints, start_server):
     """Ops.call(borrow=True) over shared memory hands out the reply area's own tensors, no copy, valid until the
-    next call's reply lands on them; with --verify every reply is copied out first, so that what was checked is
-    what the model uses (the server could rewrite the reply area in between)."""
+    next call's reply lands on them; with --verify every reply is copied out first and no input is computed in the
+    region, so that what was checked is what the model uses (the server can write the region at any moment)."""
     folder = checkpoints("gqa")
     server = start_server("--model", str(folder), env=SHM_ON)
     for verify in (False, True):
@@ -199,6 +234,8 @@ def test_a_borrowed_reply_is_read_where_it_crossed_but_never_under_verify(checkp
             else:  # the reply area itself: the next reply wrote over it
                 assert torch.equal(first[0], again[0]) and not torch.equal(first[0], kept[0])
             assert not rpc.region.reply.holds(ops.linear(0, ["q_proj"], x)[0])  # not borrowed: a copy, always
+            # nor is an input computed in the region under --verify: what the check reads must be private
+            assert (ops.request_buffer((1, 6, c.intermediate_size)) is None) == verify
 
 
 def start_client(endpoint: str, out, *extra: str) -> subprocess.Popen:
