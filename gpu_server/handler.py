@@ -80,7 +80,14 @@ class Handler:
             return None
         if self.regions is None:
             raise RegionGone("shared memory is off on this server")
-        return self.regions.get(request.shm)
+        region = self.regions.get(request.shm)
+        # A client that resends (Lazy Pirate) leaves its earlier copies queued here, under older ids. Run after a
+        # newer one, such a copy would read a request area the client has since rewritten and write the reply
+        # area under tensors the client reads: ids on one region only grow.
+        if request.id <= region.last_id:
+            raise BadRequest(f"request {request.id} is older than {region.last_id}, already run on its region")
+        region.last_id = request.id
+        return region
 
     def dispatch(self, request: Request, tensors: list) -> tuple[dict, list, int]:
         """The method table's call, or one of the two transport methods that set up shared memory."""

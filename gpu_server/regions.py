@@ -27,6 +27,7 @@ class Region:
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     pinned: bool = False
+    last_id: int = 0  # the newest request run on this region: none older runs after it (Handler.region)
 
 
 class Regions:

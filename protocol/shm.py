@@ -47,8 +47,10 @@ Ownership is the lockstep: from sending a request until its reply arrives the se
 areas (reads the request area, writes the reply area); from the reply until the next request
 the client owns both. That binds an honest peer only: a hostile server can write any byte of the
 region at any moment, so what the client checks (--verify) never lies in it, either way. A resend
-(Lazy Pirate) carries the same bytes from the same unchanged area, and a tensor frame that would view
-the reply area (a borrowed reply sent back) crosses as a copy.
+(Lazy Pirate) carries the same bytes from the same unchanged area under a new id, and a tensor frame
+that would view the reply area (a borrowed reply sent back) crosses as a copy. The copies a client's
+resends leave queued at the server still arrive; the server runs no request older than the newest it
+has run on a region (ids only grow), so none reads or writes the region after the client moved on.
 The client copies each reply tensor out of the reply area before anything uses it (the server
 could change it later), unless the caller borrows the reply (tee_client.rpc: read where it lies,
 and done with before the next call; never a reply anything checks); the server copies integer

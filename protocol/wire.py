@@ -98,6 +98,11 @@ def pack(header: dict, tensors: Sequence[torch.Tensor] = (), area=None) -> list:
     return [encode_header({**header, "tensors": specs}), *buffers]
 
 
+def renumbered(frame0: bytes, request_id: int) -> bytes:
+    """A request header again, under another id (a resend: see tee_client.rpc)."""
+    return encode_header({**msgspec.msgpack.decode(frame0), "id": request_id})
+
+
 def decode_header(frame0, kind: type[Request] | type[Reply]) -> Request | Reply:
     """Frame 0 as a `kind`, decoded and validated in one pass; VersionMismatch for a peer speaking another
     version, BadShape for a broken tensor descriptor, BadRequest for anything else that is wrong."""

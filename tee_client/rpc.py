@@ -2,11 +2,13 @@
 
 A tensor goes out and comes back with the same dtype and bytes (what crosses in which dtype
 is the ops layer's business, tee_client.ops). Lazy Pirate (zguide): send, then wait for the
-reply in slices; on silence close the socket (linger 0), open a fresh one and resend, a
-bounded number of times; then raise ServerUnavailable. For an ipc:// endpoint the client
+reply in slices; on silence close the socket (linger 0), open a fresh one and resend (under a new
+id), a bounded number of times; then raise ServerUnavailable. For an ipc:// endpoint the client
 also looks at the socket file between slices and before each resend: a missing or stale file
 means the server is gone, and it says so at once instead of waiting out its deadlines. Every
-method is a pure function of its inputs, so a resend (the same bytes again) is always safe.
+method is a pure function of its inputs, so a resend (the same bytes again) is safe; over shared
+memory each resend takes a new id, and the server runs no request older than the newest it ran
+on that region, so the copies still queued there never run after this client has moved on.
 
 Over ipc:// (unless shared memory is off, or CURVE is on) the client maps a region it shares with
 the server (protocol.shm): tensors go into its request area instead of frames, and replies are
@@ -48,6 +50,7 @@ from protocol.wire import (
     frame_bytes,
     pack,
     recv_frames,
+    renumbered,
     send_frames,
     unpack_tensors,
 )
@@ -158,6 +161,10 @@ class RpcClient:
             if attempt:
                 self.fail_fast_if_absent()
                 self.connect()  # the REQ socket is stuck awaiting a reply: replace it
+                # a new id: the copies already sent still reach the server, which runs none older than the newest
+                # on a region (gpu_server.regions), so that none runs after this client has moved on
+                self.next_id += 1
+                frames = [renumbered(frames[0], self.next_id), *frames[1:]]
                 t_last = time.perf_counter_ns()
             else:
                 t_last = t_first

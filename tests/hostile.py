@@ -5,6 +5,8 @@ is a hypothesis strategy that mutates valid requests (shapes, dtypes, frames, he
 shared-memory offsets and lengths of protocol.shm: given a region's name it aims inside it).
 """
 
+import itertools
+
 import msgpack
 import numpy as np
 from hypothesis import strategies as st
@@ -12,11 +14,14 @@ from hypothesis import strategies as st
 from protocol.wire import PROTOCOL_VERSION
 
 
+IDS = itertools.count(1)  # ids only grow, as a client's do: a server runs none older than the newest on a region
+
+
 def request(method: str, args: dict | None = None, tensors=(), **header) -> list:
     """Frames of one request; each tensor is (dtype, shape, its bytes), or (dtype, shape, [offset, nbytes]):
     in shared memory."""
     specs = [{"dtype": d, "shape": s, **({"shm": b} if isinstance(b, list) else {})} for d, s, b in tensors]
-    head = {"v": PROTOCOL_VERSION, "id": 7, "method": method, "args": args or {}, "tensors": specs, **header}
+    head = {"v": PROTOCOL_VERSION, "id": next(IDS), "method": method, "args": args or {}, "tensors": specs, **header}
     return [msgpack.packb(head), *(b for _, _, b in tensors if not isinstance(b, list))]
 
 
@@ -173,6 +178,7 @@ def mutated_request(draw, region: str | None = None) -> list[bytes]:
         del header[draw(st.sampled_from(["v", "id", "method", "tensors"]))]
     elif mutation in SHM_MUTATIONS:  # the tensors move into shared memory, one after another (64-byte aligned)
         header["shm"] = region or draw(st.sampled_from([REGION_NAME, "../../etc/passwd", ""]))
+        header["id"] = next(IDS)  # newer than any before it: past the region's check of ids, to its offsets
         offset = 0
         for spec, frame in zip(specs, frames, strict=True):
             spec["shm"] = [offset, len(frame)]

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 
 from gpu_server.handler import Handler
 from gpu_server.regions import Regions
-from hostile import MALFORMED, TEMPLATES, f32, mutated_request, request, shm_malformed
+from hostile import IDS, MALFORMED, TEMPLATES, f32, mutated_request, request, shm_malformed
 from protocol.messages import ITEMSIZE, TensorSpec
 from protocol.shm import ALIGN, open_segment
 from protocol.wire import TORCH_DTYPES
@@ -122,6 +122,24 @@ def test_fuzzed_shared_memory_requests_stay_inside_the_region(shm):
     given(mutated_request(region=shm.name))(settings(max_examples=2000, deadline=None, derandomize=True)(send))()
     assert types["ok"] > 300 and types["BadShape"] > 300 and types["InternalError"] == 0, types
     assert reply_of(shm.handler, request("Ping", shm=shm.name), shm.reply)[0]["ok"]
+
+
+def test_a_request_older_than_the_newest_run_on_its_region_is_not_run(shm):
+    """A client's resends leave older copies queued at the server; one run after a newer request would read a request
+    area the client has rewritten since and write the reply area under tensors it reads. Ids on a region only grow."""
+    x = torch.randn(3, 64)
+    shm.request.bytes[: x.nbytes].view(torch.float32).view(3, 64).copy_(x)
+    linear = lambda i: request(  # noqa: E731
+        "Linear", {"layer": 0, "names": ["q_proj"]}, [("float32", [3, 64], [0, x.nbytes])], shm=shm.name, id=i
+    )
+    older, newer = next(IDS), next(IDS)
+    assert reply_of(shm.handler, linear(newer), shm.reply)[0]["ok"]
+    shm.reply.bytes.fill_(0x5A)  # what the client reads now: no stale copy may write over it
+    for stale in (older, newer):
+        header, _ = reply_of(shm.handler, linear(stale), shm.reply)
+        assert header["ok"] is False and "older than" in header["error"]["message"], header
+    assert bool((shm.reply.bytes == 0x5A).all())
+    assert reply_of(shm.handler, linear(next(IDS)), shm.reply)[0]["ok"]  # the control: a newer one runs
 
 
 def test_results_through_shared_memory_equal_frames_and_leave_the_request_area_alone(shm):

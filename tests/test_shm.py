@@ -200,6 +200,24 @@ def test_a_resend_after_a_late_reply_carries_the_residual_stream_as_first_sent(
 
 
 @pytest.mark.process
+def test_copies_of_a_request_resent_many_times_never_run_after_the_client_moved_on(
+    checkpoints, start_server, tmp_path, monkeypatch
+):
+    """A server held past many short deadlines: each resend leaves the copy before it queued at the server (ZeroMQ
+    delivers them), and once the client has its reply and reads the reply area in place, none of them may run
+    (they would read a request area since rewritten and write the reply area under it). The logits stay
+    transformers'."""
+    monkeypatch.setenv("LLAMA_SHM", "1")
+    folder = checkpoints("gqa")
+    server = start_server(
+        "--model", str(folder), "--inject-fault", "Residual:2:slow", env={**SHM_ON, "TSQP_TESTING": "1"}
+    )
+    result, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, 50, 2, "--timeout", "0.15", "--retries", "12")
+    assert result["transport"] == "shm" and result["rpc"]["Residual"]["retries"] >= 5  # many copies queued
+    assert max_error(out, reference_logits(folder, out["input_ids"], out["attention_mask"])) <= 1e-4
+
+
+@pytest.mark.process
 def test_a_server_without_shared_memory_and_a_tcp_server_serve_frames(checkpoints, start_server):
     folder, x = checkpoints("gqa"), torch.randn(3, MiB)
     off = start_server("--model", str(folder), "--no-shm")
