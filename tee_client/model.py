@@ -296,10 +296,11 @@ def masked_softmax(scores: Tensor, scale: float, mask: Tensor | None) -> Tensor:
 
 @tee_op("silu")
 def silu_mul(gate: Tensor, up: Tensor, scale: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """SiLU(gate)·up; with `scale` (…, 1), the RMSNorm's 1/rms per row that both still owe, SiLU(gate·scale)·up·scale.
-    In one tensor, `out` or a new one, each step in place."""
+    """SiLU(gate)·up; with `scale` (…, 1), the RMSNorm's 1/rms per row that both still owe, SiLU(gate·scale)·up·scale,
+    into `out` when given (the next request's place in shared memory: Ops.request_buffer). In one tensor, each step
+    in place."""
     if scale is None:
-        return (F.silu(gate) if out is None else F.silu(out.copy_(gate), inplace=True)).mul_(up)
+        return F.silu(gate).mul_(up)
     return F.silu(torch.mul(gate, scale, out=out), inplace=True).mul_(up).mul_(scale)
 
 
