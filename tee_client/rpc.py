@@ -58,7 +58,7 @@ from tee_client.stats import Call, current
 
 SLICE_MS = 250  # how often a waiting ipc client looks at the socket file
 DETACH_MS = 200  # how long close() waits for the server to take back the shared-memory region
-MAX_REGIONS_LOST = 3  # a server that keeps dropping this client's region: frames from then on
+MAX_REGIONS_LOST = 3  # regions lost in a row, none serving a call between: frames from then on
 ONE_THREAD_BYTES = 8 << 20  # reply tensors smaller than this are copied out of shared memory on one thread
 
 ABSENT = {
@@ -96,7 +96,7 @@ class RpcClient:
         self.shm_offer: ShmOffer | None = None
         self.region: ClientRegion | None = None
         self.reply_need = 0  # bytes of the largest reply that did not fit the reply area: grow it before the next call
-        self.regions_lost = 0  # regions the server no longer knew (dropped while idle, or restarted)
+        self.regions_lost = 0  # regions in a row the server no longer knew (dropped while idle, evicted, restarted)
         self.buffers = ReplyBuffers()
         self.next_id = 0
         self.socket = None
@@ -143,6 +143,8 @@ class RpcClient:
                 self.shm_offer = None
             # what this attempt sent, not `tensors`: a borrowed one lies where the server may have written since
             return self.call(method, args, sent_tensors(frames, region), fingerprint, borrow)
+        if region is not None:
+            self.regions_lost = 0  # a region that serves: losses now and then over a long run cost a re-attach each
         t3 = time.perf_counter_ns()
         if method in ("Init", "Ping"):
             self.learn_limits(reply.result)

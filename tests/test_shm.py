@@ -20,10 +20,10 @@ from conftest import BIN, SHM_DIR, reference_logits, run_prefill_cli
 from protocol.endpoints import free_tcp_port
 from protocol.errors import BadRequest, BadShape
 from protocol.messages import TensorSpec
-from protocol.shm import ALIGN, MIN_AREA, NAME_RE, SEGMENT_PREFIX, create_segment, open_segment
+from protocol.shm import ALIGN, MAX_REGIONS, MIN_AREA, NAME_RE, SEGMENT_PREFIX, create_segment, open_segment
 from tee_client.ops import RemoteOps
 from protocol.wire import PROTOCOL_VERSION, pack
-from tee_client.rpc import ClientRegion, ReplyBuffers, RpcClient, own_frames, sent_tensors
+from tee_client.rpc import MAX_REGIONS_LOST, ClientRegion, ReplyBuffers, RpcClient, own_frames, sent_tensors
 from tee_client.verify import Verifier
 from tsqp.checkpoint import load_checkpoint
 from tsqp.engine import Engine
@@ -215,6 +215,27 @@ def test_copies_of_a_request_resent_many_times_never_run_after_the_client_moved_
     result, out = run_prefill_cli(server.endpoint, tmp_path, PROMPTS, 50, 2, "--timeout", "0.15", "--retries", "12")
     assert result["transport"] == "shm" and result["rpc"]["Residual"]["retries"] >= 5  # many copies queued
     assert max_error(out, reference_logits(folder, out["input_ids"], out["attention_mask"])) <= 1e-4
+
+
+@pytest.mark.process
+def test_a_region_lost_now_and_then_is_set_up_again_each_time(checkpoints, start_server):
+    """Regions lost over a long run (evicted, idle) cost a re-attach each, not shared memory for good: only a server
+    that drops region after region, none serving a call, sends a client back to frames (MAX_REGIONS_LOST)."""
+    server = start_server("--model", str(checkpoints("gqa")), env=SHM_ON)
+    x = torch.randn(4, 64)
+    with RpcClient(server.endpoint, timeout_s=10, shm=True) as rpc:
+        rpc.call("Ping")
+        for _ in range(MAX_REGIONS_LOST + 2):
+            assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x) and rpc.region is not None
+            lost = rpc.region.name
+            others = [RpcClient(server.endpoint, timeout_s=10, shm=True) for _ in range(MAX_REGIONS)]
+            for other in others:  # as many regions again: this client's, the least recently used, is evicted
+                other.call("Ping")
+                other.call("Echo", {}, [x])
+            for other in others:
+                other.close()
+            assert torch.equal(rpc.call("Echo", {}, [x])[1][0], x)  # RegionGone, a new region, the call resent
+            assert rpc.region is not None and rpc.region.name != lost
 
 
 @pytest.mark.process
