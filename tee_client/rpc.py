@@ -12,10 +12,10 @@ on that region, so the copies still queued there never run after this client has
 
 Over ipc:// (unless shared memory is off, or CURVE is on) the client maps a region it shares with
 the server (protocol.shm): tensors go into its request area instead of frames, and replies are
-copied out of its reply area into reused buffers before anyone sees them, unless the caller borrows
-them (`call(..., borrow=True)`: views of the reply area, valid until the next call). The region is attached
-when a call first carries tensors, grown when a call needs more room, and dropped on close; if
-anything about it fails, calls go on as frames. Nothing else changes: the header is still the
+copied out of its reply area into reused buffers before anyone sees them, unless the caller
+borrows them (`call(..., borrow=True)`: views of the reply area, valid until the next call). The
+region is attached when a call first carries tensors, grown when a call needs more room, and
+dropped on close; if anything about it fails, calls go on as frames. Nothing else changes: the header is still the
 message, and the lockstep of REQ/REP says who owns the region when.
 """
 
